@@ -1,0 +1,92 @@
+"""The `lmmrec` command: every DVC stage plus inspection commands.
+
+dvc.yaml calls these commands with explicit paths; every knob comes from params.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stages.params import DEFAULT_PARAMS, load_params
+
+app = typer.Typer(
+    help="lmmrec: large multi-modal encoders for recommendation, as a DVC pipeline.\n\n"
+    "Stage commands (download, preprocess, weights, extract, train, report) are what dvc.yaml "
+    "runs; normally you run `dvc repro` instead. Inspection: `features show`, `stats`.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+features_app = typer.Typer(help="Inspect the feature store.", no_args_is_help=True)
+app.add_typer(features_app, name="features")
+
+Params = Annotated[Path, typer.Option("--params", help="params.yaml to read the knobs from.")]
+Out = Annotated[Path, typer.Option(help="Folder this stage writes (replaced atomically).")]
+
+
+@app.callback()
+def _setup(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn expected failures (bad params, bad or missing data) into one red line and exit 1."""
+    try:
+        yield
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from exc
+
+
+@app.command()
+def download(out: Out, params: Params = DEFAULT_PARAMS) -> None:
+    """Generate the demo shop, or fetch an Amazon 2014 category (reviews, metadata, images)."""
+    from stages import download as stage
+
+    with _user_errors():
+        stage.run(load_params(params), out)
+
+
+@app.command()
+def preprocess(
+    raw: Annotated[Path, typer.Option(help="Raw files from the download stage.")],
+    out: Out,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Parse, 5-core filter, re-index and split; build item texts; verify images."""
+    from stages import preprocess as stage
+
+    with _user_errors():
+        stage.run(load_params(params), raw, out)
+
+
+@app.command()
+def stats(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. demo.")],
+    processed: Annotated[Path, typer.Option(help="Root of processed datasets.")] = Path(
+        "data/processed"
+    ),
+) -> None:
+    """Print a processed dataset's statistics (users, items, density, malformed lines...)."""
+    path = processed / dataset / "stats.json"
+    with _user_errors():
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run `dvc repro preprocess` first")
+        for key, value in json.loads(path.read_text()).items():
+            typer.echo(f"{key:>28}: {value}")
+
+
+if __name__ == "__main__":
+    app()
