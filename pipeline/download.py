@@ -1,0 +1,270 @@
+"""Download an Amazon 2014 category (reviews, metadata, image features, product images).
+
+Concurrent, retried and resumable: every file is recorded in ``manifest.json`` with its URL,
+size, sha256 and status; a re-run fetches only what is missing, changed or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from pipeline.amazon import LineStats, iter_meta, iter_reviews
+from pipeline.atomic import write_json
+from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
+from pipeline.fetch import fetch, file_digest, gzip_error
+
+log = logging.getLogger(__name__)
+
+SNAP = "http://snap.stanford.edu/data/amazon/productGraph/"
+_ASIN = re.compile(r"[A-Za-z0-9_-]+")  # anything else could escape the images folder
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Where the files come from and how hard to try; base URLs are params because mirrors exist."""
+
+    reviews_url: str = SNAP + "categoryFiles/"
+    meta_url: str = SNAP + "categoryFiles/"
+    image_features_url: str = SNAP + "image_features/categoryFiles/"
+    workers: int = 16  # concurrent connections
+    retries: int = 5  # retries after the first attempt, per file
+    backoff: float = 0.5  # seconds; the k-th retry waits backoff * 2**k
+    timeout: float = 60.0  # seconds per connect / read
+    images: bool = True  # fetch each reviewed item's imUrl into images/<asin>.jpg
+    image_features: bool = True  # fetch image_features_<Category>.b
+    max_images: int = 0  # 0 = all; a cap (first asins in sorted order) for quick trials
+    retry_dead: bool = False  # try again URLs an earlier run found dead (404/410)
+    manifest_every: int = 100  # rewrite manifest.json after this many finished files
+
+    def __post_init__(self) -> None:
+        for name, low in (("workers", 1), ("retries", 0), ("max_images", 0), ("manifest_every", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} = {getattr(self, name)!r} must be >= {low}")
+        if self.backoff < 0 or self.timeout <= 0:
+            raise ValueError(f"backoff = {self.backoff} must be >= 0, timeout = {self.timeout} > 0")
+
+
+class DownloadError(RuntimeError):
+    """A file the dataset cannot do without (reviews, metadata) could not be downloaded."""
+
+
+@dataclass(frozen=True)
+class _Job:
+    url: str
+    rel: str  # destination, relative to out_dir, POSIX separators
+    required: bool = False
+    image: bool = False
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def _entry(
+    job: _Job,
+    status: str,
+    size: int | None = None,
+    digest: str | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    path = job.rel if status == "ok" else None
+    return {
+        "url": job.url,
+        "path": path,
+        "bytes": size,
+        "sha256": digest,
+        "status": status,
+        "error": error,
+    }
+
+
+def _obtain(
+    job: _Job, old: dict | None, out_dir: Path, cfg: DownloadConfig, stop: threading.Event
+) -> tuple[dict[str, Any], bool]:
+    """Make ``job``'s file present: keep a verified copy, adopt an unknown one, or fetch it.
+
+    Returns the manifest entry and whether the file was already there (no request made).
+    """
+    dest = out_dir / job.rel
+    same = old is not None and old["url"] == job.url
+    if dest.is_file():
+        size, digest = file_digest(dest)
+        if same and old["status"] == "ok":
+            if (old["bytes"], old["sha256"]) == (size, digest):
+                return _entry(job, "ok", size, digest), True
+            log.warning("%s does not match its manifest entry; fetching it again", dest)
+        elif (old is None or same) and not (dest.name.endswith(".gz") and gzip_error(dest)):
+            log.info("adopting %s found on disk (not recorded as ok in the manifest)", dest)
+            return _entry(job, "ok", size, digest), True
+        else:
+            log.warning("%s is stale or a broken gzip; fetching it again", dest)
+        dest.unlink()
+    if same and old["status"] == "dead" and not cfg.retry_dead:
+        return dict(old), False
+    got = fetch(
+        job.url, dest, retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout, stop=stop
+    )
+    if got.status != "ok":
+        level = logging.INFO if got.status == "dead" else logging.WARNING
+        log.log(level, "%s %s: %s", got.status, job.url, got.error)
+    return _entry(job, got.status, got.bytes, got.sha256, got.error), False
+
+
+class _Manifest:
+    """manifest.json: the previous run's entries, this run's, and atomic rewrites of both."""
+
+    def __init__(self, out_dir: Path, dataset: str) -> None:
+        self.path = out_dir / MANIFEST_FILE
+        self.dataset = dataset
+        self.previous: list[dict] = []
+        self.current: dict[str, dict] = {}  # rel -> entry, in plan order once planned
+        self.order: list[str] = []
+        self._by_path: dict[str, dict] = {}
+        self._by_url: dict[str, dict] = {}
+        if self.path.exists():
+            try:
+                data = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                log.warning(
+                    "ignoring unreadable %s (%s); files on disk are re-checked", self.path, exc
+                )
+                return
+            if data.get("dataset") != dataset:
+                raise DownloadError(
+                    f"{self.path} belongs to dataset {data.get('dataset')!r}, not {dataset!r}; "
+                    "use a separate folder per dataset"
+                )
+            self.previous = list(data.get("files", []))
+            self._by_path = {e["path"]: e for e in self.previous if e.get("path")}
+            self._by_url = {e["url"]: e for e in self.previous if not e.get("path")}
+
+    def old(self, job: _Job) -> dict | None:
+        """The previous run's entry for ``job``: by destination, else a pathless one by URL."""
+        return self._by_path.get(job.rel) or self._by_url.get(job.url)
+
+    def plan(self, job: _Job) -> None:
+        self.order.append(job.rel)
+
+    def record(self, job: _Job, entry: dict) -> None:
+        self.current[job.rel] = entry
+
+    def save(self) -> None:
+        files = [self.current[rel] for rel in self.order if rel in self.current]
+        urls = {e["url"] for e in files}
+        files += [
+            e
+            for e in self.previous
+            if not (e.get("path") in self.current or (not e.get("path") and e["url"] in urls))
+        ]
+        write_json(self.path, {"dataset": self.dataset, "files": files})
+
+
+def _image_jobs(out_dir: Path, info: DatasetInfo, cfg: DownloadConfig) -> tuple[list[_Job], int]:
+    """One job per reviewed item with an imUrl (sorted by asin, capped); plus how many lack one."""
+    stats = LineStats()
+    asins = {r["asin"] for r in iter_reviews(out_dir / info.reviews_file, stats)}
+    meta_stats = LineStats()
+    urls: dict[str, str] = {}
+    for rec in iter_meta(out_dir / info.meta_file, meta_stats):
+        url = rec.get("imUrl")
+        if rec["asin"] in asins and isinstance(url, str) and url.strip():
+            urls[rec["asin"]] = url.strip()
+    for name, st in (("reviews", stats), ("metadata", meta_stats)):
+        if st.malformed:
+            log.warning("%s: skipped %d malformed lines, e.g. %s", name, st.malformed, st.examples)
+    bad = sorted(a for a in urls if not _ASIN.fullmatch(a))
+    if bad:
+        log.warning("skipping %d asins unusable as file names, e.g. %r", len(bad), bad[:3])
+    chosen = sorted(a for a in urls if _ASIN.fullmatch(a))
+    if cfg.max_images:
+        chosen = chosen[: cfg.max_images]
+    jobs = [_Job(urls[a], f"{IMAGES_DIR}/{a}.jpg", image=True) for a in chosen]
+    return jobs, len(asins) - len(urls)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete .part files and manifest temporaries that a killed run left behind."""
+    for folder in (out_dir, out_dir / IMAGES_DIR):
+        for leftover in (*folder.glob("*.part"), *folder.glob(f".{MANIFEST_FILE}.tmp-*")):
+            leftover.unlink(missing_ok=True)
+
+
+def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> dict[str, Any]:
+    """Fetch ``info``'s raw files into ``out_dir`` and keep ``manifest.json`` current; resumable.
+
+    Reviews and metadata are required (``DownloadError`` names the URL and the last error);
+    image features and images that fail are recorded, never fatal. Returns counts: ``ok``
+    (fetched now), ``skipped`` (already present), ``dead``, ``failed``, ``bytes`` (fetched now),
+    ``images`` (planned) and ``no_image_url`` (reviewed items without an imUrl).
+    """
+    if info.synthetic:
+        raise ValueError(f"dataset {info.name!r} is generated locally, not downloaded")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
+    manifest = _Manifest(out_dir, info.category)
+    core = [
+        _Job(_join(cfg.reviews_url, info.reviews_file), info.reviews_file, required=True),
+        _Job(_join(cfg.meta_url, info.meta_file), info.meta_file, required=True),
+    ]
+    if cfg.image_features:
+        features = info.image_features_file
+        core.append(_Job(_join(cfg.image_features_url, features), features))
+    counts: Counter[str] = Counter()
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(cfg.workers, thread_name_prefix="download")
+    pending: dict[Future, _Job] = {}
+
+    def submit(jobs: Iterable[_Job]) -> None:
+        for job in jobs:
+            manifest.plan(job)
+            pending[pool.submit(_obtain, job, manifest.old(job), out_dir, cfg, stop)] = job
+
+    def collect(fut: Future) -> dict[str, Any]:
+        job = pending.pop(fut)
+        entry, skipped = fut.result()
+        manifest.record(job, entry)
+        counts["skipped" if skipped else entry["status"]] += 1
+        if entry["status"] == "ok" and not skipped:
+            counts["bytes"] += entry["bytes"]
+        if len(manifest.current) % cfg.manifest_every == 0:
+            manifest.save()
+        return entry
+
+    try:
+        submit(core)
+        for fut, job in list(pending.items()):
+            if job.required and (entry := collect(fut))["status"] != "ok":
+                raise DownloadError(f"could not download {job.url}: {entry['error']}")
+        jobs, no_url = _image_jobs(out_dir, info, cfg) if cfg.images else ([], 0)
+        submit(jobs)
+        with tqdm(total=len(jobs), unit="file", desc="images", disable=None) as bar:
+            for fut in as_completed(list(pending)):
+                job = pending[fut]
+                entry = collect(fut)
+                if job.image:
+                    if entry["status"] != "ok":
+                        bar.set_postfix(dead=counts["dead"], failed=counts["failed"], refresh=False)
+                    bar.update()
+    finally:
+        if pending:
+            stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
+        for fut in [f for f in pending if f.done() and not f.cancelled() and not f.exception()]:
+            collect(fut)
+        manifest.save()
+    summary = {k: counts[k] for k in ("ok", "skipped", "dead", "failed", "bytes")}
+    summary.update(images=len(jobs), no_image_url=no_url)
+    log.info("%s: %s", info.category, summary)
+    return summary
