@@ -1,0 +1,155 @@
+"""The contract every recommender follows, its item-feature input and strict configs."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.interactions import InteractionData
+
+C = TypeVar("C")
+
+# config field type -> the Python types accepted for it (bool is never an int here)
+_SCALARS: dict[type, tuple[type, ...]] = {
+    bool: (bool,),
+    int: (int,),
+    float: (int, float),
+    str: (str,),
+}
+
+
+@dataclass(frozen=True, eq=False)
+class ItemFeatures:
+    """Frozen item features from the feature store; row ``i`` belongs to item_id ``i``.
+
+    image: [n_items, d_i] float32 or None; text: [n_items, d_t] float32 or None.
+    """
+
+    image: torch.Tensor | None = None
+    text: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        present = {k: v for k, v in (("image", self.image), ("text", self.text)) if v is not None}
+        if not present:
+            raise ValueError("ItemFeatures needs at least one of image, text")
+        for name, tensor in present.items():
+            if tensor.ndim != 2:
+                raise ValueError(f"{name} features must be 2-D [n_items, dim], got {tensor.shape}")
+        rows = {name: t.shape[0] for name, t in present.items()}
+        if len(set(rows.values())) > 1:
+            raise ValueError(f"image and text features disagree on the number of items: {rows}")
+
+    @classmethod
+    def from_arrays(
+        cls,
+        item_ids: np.ndarray,
+        image: np.ndarray | None,
+        text: np.ndarray | None,
+        n_items: int,
+    ) -> ItemFeatures:
+        """Features whose row ``i`` is ``item_ids[i]`` (any order), re-ordered by item id;
+        every item in ``range(n_items)`` must appear exactly once."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if not np.array_equal(np.sort(item_ids), np.arange(n_items)):
+            missing = np.setdiff1d(np.arange(n_items), item_ids)[:5].tolist()
+            raise ValueError(
+                f"features must cover item ids 0..{n_items - 1} exactly once "
+                f"({len(item_ids)} rows; first missing: {missing})"
+            )
+        order = np.argsort(item_ids)
+        image_t, text_t = (
+            None if a is None else torch.from_numpy(np.ascontiguousarray(a[order], np.float32))
+            for a in (image, text)
+        )
+        return cls(image=image_t, text=text_t)
+
+    @property
+    def n_items(self) -> int:
+        """Number of rows (items)."""
+        return next(t for t in (self.image, self.text) if t is not None).shape[0]
+
+    def concat(self) -> torch.Tensor:
+        """Text and image features side by side, [n_items, d_t + d_i] (MMRec's VBPR order)."""
+        return torch.cat([t.float() for t in (self.text, self.image) if t is not None], dim=1)
+
+
+def config_from_dict(cls: type[C], values: Mapping[str, Any] | C | None, owner: str) -> C:
+    """Build the frozen config dataclass ``cls`` from a mapping; unknown keys and wrongly
+    typed values raise naming the key and the allowed ones. An instance passes through."""
+    if isinstance(values, cls):
+        return values
+    values = dict(values or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"{owner}: unknown config key(s) {unknown}; allowed: {names}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        hint = hints[key]
+        if hint not in _SCALARS:
+            continue
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, _SCALARS[hint]):
+            raise ValueError(f"{owner}: {key} = {value!r} should be {hint.__name__}")
+        if hint is float:
+            values[key] = float(value)
+    return cls(**values)
+
+
+class Recommender(nn.Module, ABC):
+    """A recommender: built from the train graph (+ item features), trained with BPR batches.
+
+    Subclasses set ``config_class`` (a frozen dataclass of hyperparameters) and
+    ``uses_features``, take ``(data, features, config)`` in ``__init__``, and implement
+    ``loss`` and ``score``. The trainer owns sampling, optimisation, masking and ranking.
+    Models that propagate over a graph may cache the propagated embeddings while
+    ``not self.training`` (the trainer calls ``eval()`` before scoring and ``train()`` before
+    each epoch).
+    """
+
+    uses_features: ClassVar[bool] = False
+    config_class: ClassVar[type]
+    name: ClassVar[str] = "recommender"  # set by @register_recommender
+
+    def __init__(self, data: InteractionData, features: ItemFeatures | None, config: Any):
+        super().__init__()
+        self.n_users = data.n_users
+        self.n_items = data.n_items
+        self.config = config
+
+    @classmethod
+    def build(
+        cls,
+        data: InteractionData,
+        features: ItemFeatures | None = None,
+        config: Mapping[str, Any] | Any | None = None,
+    ) -> Recommender:
+        """Check the inputs and construct the model (seed torch first for reproducibility)."""
+        cfg = config_from_dict(cls.config_class, config, cls.name)
+        if cls.uses_features:
+            if features is None:
+                raise ValueError(f"{cls.name} uses item features, but none were given")
+            if features.n_items != data.n_items:
+                raise ValueError(
+                    f"{cls.name}: features have {features.n_items} rows, "
+                    f"the interactions {data.n_items} items"
+                )
+        else:
+            features = None
+        return cls(data, features, cfg)
+
+    @abstractmethod
+    def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """Scalar training loss of a batch of (user, positive, negative) ids [B] each,
+        including the model's regularisation and auxiliary losses."""
+
+    @abstractmethod
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """Scores of ``users`` [B] against every item, [B, n_items] (higher ranks first)."""

@@ -1,0 +1,152 @@
+"""The trainer: outputs, determinism, early stopping, NaN detection, config checks."""
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from scmrepo.exceptions import SCMError
+from torch import nn
+
+from pipeline.baselines import evaluate_baseline
+from pipeline.evaluation import metric_names
+from pipeline.interactions import InteractionData
+from pipeline.recommenders import ItemFeatures, Recommender, get_recommender
+from pipeline.training import NonFiniteLossError, TrainConfig, train, train_recommender
+
+TOPK = (5, 10, 20)
+FAST = TrainConfig(lr=0.02, batch_size=64, max_epochs=6, patience=2, topk=TOPK, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _outside_repo(tmp_path, monkeypatch):
+    """dvclive probes the DVC/git repository of the working directory; keep it out of ours."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def data() -> InteractionData:
+    """80 users in 4 taste groups over 60 items: 8 interactions each, 6 train / 1 / 1."""
+    rng = np.random.default_rng(0)
+    users, items, splits = [], [], []
+    for u in range(80):
+        chosen = rng.choice(np.arange(u % 4, 60, 4), 8, replace=False)
+        users += [u] * 8
+        items += chosen.tolist()
+        splits += ["train"] * 6 + ["valid", "test"]
+    return InteractionData.from_arrays(users, items, splits, 80, 60)
+
+
+@pytest.fixture(scope="module")
+def features(data) -> ItemFeatures:
+    groups = torch.arange(data.n_items) % 4
+    return ItemFeatures(image=nn.functional.one_hot(groups, 4).float(), text=torch.ones(60, 2))
+
+
+@pytest.mark.parametrize("name", ["bpr", "vbpr"])
+def test_outputs_are_complete_consistent_and_deterministic(name, data, features, tmp_path):
+    runs = [
+        train_recommender(name, data, features, {"embedding_size": 8}, FAST, tmp_path / f"r{i}")
+        for i in range(2)
+    ]
+    for run in runs:
+        run.pop("seconds")
+    assert runs[0] == runs[1]  # same seed, same CPU: identical metrics
+
+    out = tmp_path / "r0"
+    metrics = json.loads((out / "metrics.json").read_text())
+    expected = set(metric_names(TOPK)) | {"valid_recall@20", "best_epoch", "epochs", "seconds"}
+    assert set(metrics) == expected
+    assert 1 <= metrics["best_epoch"] <= metrics["epochs"] <= FAST.max_epochs
+
+    per_user = pq.read_table(out / "per_user.parquet")
+    assert per_user.column_names == ["user_id", *metric_names(TOPK)]
+    assert str(per_user.schema.field("user_id").type) == "int32"
+    assert per_user.column("user_id").to_pylist() == data.eval_users("test").tolist()
+    for column in metric_names(TOPK):
+        assert np.mean(per_user.column(column).to_numpy()) == pytest.approx(metrics[column])
+
+    model = get_recommender(name).build(data, features, {"embedding_size": 8})
+    model.load_state_dict(torch.load(out / "model.pt"))
+    loss_log = (out / "dvclive" / "plots" / "metrics" / "loss.tsv").read_text().splitlines()
+    assert len(loss_log) == metrics["epochs"] + 1  # header + one row per epoch
+
+    chance = evaluate_baseline("random", data, "test", TOPK).means["recall@20"]
+    assert metrics["recall@20"] > chance  # it learned the taste groups
+
+
+@dataclass(frozen=True)
+class ConstantConfig:
+    loss_value: float = 1.0
+
+
+class Constant(Recommender):
+    """Scores every item 0 (a flat validation curve); its loss is a chosen constant."""
+
+    config_class = ConstantConfig
+
+    def __init__(self, data, features, config):
+        super().__init__(data, features, config)
+        self.weight = nn.Parameter(torch.ones(1))
+
+    def loss(self, users, pos, neg):
+        return (self.weight * 0 + self.config.loss_value).sum()
+
+    def score(self, users):
+        return torch.zeros(len(users), self.n_items) + self.weight * 0
+
+
+@pytest.mark.parametrize(
+    "patience, eval_every, max_epochs, epochs",
+    [
+        (2, 1, 50, 4),  # best at epoch 1, then 3 evaluations without gain > patience 2
+        (0, 3, 50, 6),  # evaluations at 3 (best) and 6 (no gain > patience 0)
+        (5, 4, 6, 6),  # the last epoch is always evaluated; max_epochs ends it
+    ],
+)
+def test_early_stopping_counts_evaluations(
+    data, tmp_path, patience, eval_every, max_epochs, epochs
+):
+    cfg = TrainConfig(
+        batch_size=256, max_epochs=max_epochs, patience=patience, eval_every=eval_every, topk=TOPK
+    )
+    metrics = train(Constant.build(data, None, {}), data, cfg, tmp_path)
+    assert metrics["epochs"] == epochs
+    assert metrics["best_epoch"] == min(eval_every, max_epochs)
+
+
+def test_non_finite_loss_names_model_and_epoch(data, features, tmp_path):
+    broken = ItemFeatures(image=features.image.clone(), text=features.text)
+    broken.image[3, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError, match="vbpr: training loss is nan at epoch 1"):
+        train_recommender("vbpr", data, broken, {"embedding_size": 8}, FAST, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="loss is inf at epoch 1"):
+        train(Constant.build(data, None, {"loss_value": float("inf")}), data, FAST, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_training_goes_on_when_dvclive_cannot_start(data, tmp_path, monkeypatch, caplog):
+    def refuse(**kwargs):
+        raise SCMError("Empty git repo")
+
+    monkeypatch.setattr("pipeline.training.Live", refuse)
+    cfg = TrainConfig(batch_size=256, max_epochs=2, topk=TOPK)
+    metrics = train(Constant.build(data, None, {}), data, cfg, tmp_path)
+    assert metrics["epochs"] == 2 and (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "dvclive").exists()
+    assert "dvclive unavailable (Empty git repo)" in caplog.text
+
+
+def test_bad_names_and_settings_raise(data, tmp_path):
+    with pytest.raises(ValueError, match="unknown recommender 'mf'; known: "):
+        train_recommender("mf", data, None, {}, FAST, tmp_path)
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['layers'\]"):
+        train_recommender("bpr", data, None, {"layers": 2}, FAST, tmp_path)
+    with pytest.raises(ValueError, match="valid_metric = 'recall@100'; allowed: "):
+        TrainConfig(valid_metric="recall@100")
+    with pytest.raises(ValueError, match="patience = -1"):
+        TrainConfig(patience=-1)
+    with pytest.raises(ValueError, match="device = 'gpu0'"):
+        TrainConfig(device="gpu0")
