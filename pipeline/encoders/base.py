@@ -1,0 +1,166 @@
+"""The small interface every item encoder family implements, and its weights-folder format.
+
+A weights folder (what the ``weights`` and ``finetune`` stages write, e.g. models/weights/clip/)
+holds ``model.safetensors`` (the state dict) and ``weights.json``, a card naming the family
+(``encoder``), the architecture (``arch``), the weights tag (``pretrained``), the state file's
+``sha256``, how the weights were made (``source``) and the preprocessing that travels with them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeAlias
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pipeline.atomic import atomic_path
+
+WEIGHTS_CARD = "weights.json"
+STATE_FILE = "model.safetensors"
+CARD_KEYS = ("encoder", "arch", "pretrained", "sha256", "source")
+
+Tokens: TypeAlias = torch.Tensor | Mapping[str, torch.Tensor]
+"""A tokenised text batch: ids [B, L], or a dict of [B, L] tensors (ids, attention mask...)."""
+
+
+class WeightsError(ValueError):
+    """A weights folder is missing, incomplete, or does not match its card."""
+
+
+class Encoder(nn.Module, ABC):
+    """An item encoder: images [B, 3, H, W] -> [B, image_dim], token batches -> [B, text_dim].
+
+    Subclasses live one per file in ``pipeline/encoders/`` behind ``@register_encoder(name)``,
+    which sets ``name``. ``arch``, ``pretrained`` and ``source`` are recorded on the card;
+    ``weights_sha256`` is the hash of the weights folder the encoder was loaded from or saved
+    to (None for weights that exist only in memory).
+    """
+
+    name: ClassVar[str] = ""
+    image_dim: int
+    text_dim: int
+    arch: str
+    pretrained: str
+    source: str
+    weights_sha256: str | None = None
+
+    @property
+    @abstractmethod
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """Evaluation preprocessing: a PIL image -> a [3, H, W] float tensor."""
+
+    @abstractmethod
+    def tokenize(self, texts: Sequence[str]) -> Tokens:
+        """Tokenise a list of strings into a batch ``encode_texts`` accepts (on CPU)."""
+
+    @abstractmethod
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] preprocessed images -> [B, image_dim] embeddings (not normalised)."""
+
+    @abstractmethod
+    def encode_texts(self, tokens: Tokens) -> torch.Tensor:
+        """A token batch of B texts -> [B, text_dim] embeddings (not normalised)."""
+
+    @abstractmethod
+    def save(self, out_dir: str | Path) -> None:
+        """Write the weights folder (state + card) atomically."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, weights_dir: str | Path) -> Encoder:
+        """Rebuild the encoder from a weights folder, offline."""
+
+    @classmethod
+    @abstractmethod
+    def tiny(cls) -> Encoder:
+        """A small randomly initialised instance, offline: the registry's smoke tests use it."""
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters fine-tuning updates (default: all that require grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def device(self) -> torch.device:
+        """Where the encoder's parameters live."""
+        return next(self.parameters()).device
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; otherwise the named torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<n>'"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
+def to_device(tokens: Tokens, device: torch.device) -> Tokens:
+    """Move a token batch (a tensor or a dict of tensors) to ``device``."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens.to(device)
+    return {k: v.to(device) for k, v in tokens.items()}
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_weights(out_dir: str | Path, state: Mapping[str, torch.Tensor], card: dict) -> dict:
+    """Write ``state`` and ``card`` (plus the sha256 of the state) as a weights folder."""
+    missing = [k for k in CARD_KEYS if k != "sha256" and k not in card]
+    if missing:
+        raise WeightsError(f"weights card lacks {missing}; required keys: {list(CARD_KEYS)}")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        save_file(tensors, str(tmp / STATE_FILE))
+        card = {**card, "sha256": file_sha256(tmp / STATE_FILE)}
+        (tmp / WEIGHTS_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    return card
+
+
+def read_card(weights_dir: str | Path) -> dict[str, Any]:
+    """Read and check a weights folder's card (without loading the state)."""
+    path = Path(weights_dir) / WEIGHTS_CARD
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist (has the weights stage run?)")
+    card = json.loads(path.read_text())
+    missing = [k for k in CARD_KEYS if k not in card]
+    if missing:
+        raise WeightsError(f"{path} lacks {missing}; required keys: {list(CARD_KEYS)}")
+    return card
+
+
+def read_weights(weights_dir: str | Path, encoder: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a weights folder made for ``encoder``; verify the state file against its sha256."""
+    weights_dir = Path(weights_dir)
+    card = read_card(weights_dir)
+    if card["encoder"] != encoder:
+        raise WeightsError(
+            f"{weights_dir} holds {card['encoder']!r} weights, expected {encoder!r} weights"
+        )
+    state_path = weights_dir / STATE_FILE
+    if not state_path.is_file():
+        raise WeightsError(f"{state_path} does not exist")
+    sha = file_sha256(state_path)
+    if sha != card["sha256"]:
+        raise WeightsError(f"{state_path} has sha256 {sha}, its card says {card['sha256']}")
+    return card, load_file(str(state_path))

@@ -1,0 +1,204 @@
+"""CLIP through open_clip_torch: image = projected [CLS], text = projected end-of-text token.
+
+Architectures are open_clip model configs: its built-ins (the paper's ``ViT-B-16``) plus ours in
+``model_configs/`` (``lmmrec-clip-tiny``: 64x64 images, patch 8, 4+4 layers of width 128,
+128-d embeddings, 32 tokens, open_clip's own BPE tokenizer), registered with
+``open_clip.add_model_config`` on import. Weights are a separate axis: the demo's come from
+``pipeline.encoders.pretrain``; real ones are pinned once from open_clip's hub by
+``pin_open_clip_weights`` and from then on loaded offline from the weights folder.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import open_clip
+import torch
+from PIL import Image
+
+from pipeline.encoders import register_encoder
+from pipeline.encoders.base import Encoder, Tokens, read_weights, write_weights
+
+log = logging.getLogger(__name__)
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+DEMO_ARCH = "lmmrec-clip-tiny"
+DEMO_TAG = "demo"  # the ``pretrained`` tag of weights made by our own demo pretraining
+
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+def check_arch(arch: str) -> None:
+    """Raise if open_clip has no model config called ``arch``."""
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown CLIP arch {arch!r}; open_clip knows: {open_clip.list_models()}")
+
+
+@contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Hide open_clip's 'initialized randomly' warning while we build a model to load into."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+@register_encoder("clip")
+class ClipEncoder(Encoder):
+    """An open_clip ``CLIP`` model with its tokenizer and its evaluation image transform."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        arch: str,
+        pretrained: str = "none",
+        source: str = "random initialisation",
+        quick_gelu: bool = False,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.arch = arch
+        self.pretrained = pretrained
+        self.source = source
+        self.quick_gelu = quick_gelu
+        pp = open_clip.get_model_preprocess_cfg(model)
+        size = pp["size"]
+        self.image_size = size[0] if isinstance(size, tuple | list) and size[0] == size[1] else size
+        self.mean = tuple(float(m) for m in pp["mean"])
+        self.std = tuple(float(s) for s in pp["std"])
+        self.interpolation = pp.get("interpolation", "bicubic")
+        self.resize_mode = pp.get("resize_mode", "shortest")
+        self.context_length = int(model.context_length)
+        self.embed_dim = int(open_clip.get_model_config(arch)["embed_dim"])
+        self.image_dim = self.text_dim = self.embed_dim
+        self._tokenizer = open_clip.get_tokenizer(arch, context_length=self.context_length)
+        self._transform = open_clip.image_transform(
+            self.image_size,
+            is_train=False,
+            mean=self.mean,
+            std=self.std,
+            resize_mode=self.resize_mode,
+            interpolation=self.interpolation,
+        )
+
+    @classmethod
+    def from_arch(cls, arch: str) -> ClipEncoder:
+        """``arch`` randomly initialised (seed torch first for a reproducible init)."""
+        check_arch(arch)
+        return cls(open_clip.create_model(arch, pretrained=None), arch)
+
+    @classmethod
+    def tiny(cls) -> ClipEncoder:
+        return cls.from_arch(DEMO_ARCH)
+
+    @property
+    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        return self._transform
+
+    @property
+    def logit_scale(self) -> torch.nn.Parameter:
+        """Learnable log of the contrastive (ITC) loss's inverse temperature."""
+        return self.model.logit_scale
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Texts -> [B, context_length] BPE ids, truncated to the context."""
+        return self._tokenizer(list(texts))
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def encode_texts(self, tokens: Tokens) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"CLIP takes a [B, L] tensor of token ids, got {type(tokens)}")
+        return self.model.encode_text(tokens)
+
+    def card(self) -> dict:
+        """What ``weights.json`` records besides the state hash."""
+        return {
+            "encoder": self.name,
+            "arch": self.arch,
+            "pretrained": self.pretrained,
+            "source": self.source,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+            "resize_mode": self.resize_mode,
+            "context_length": self.context_length,
+            "embed_dim": self.embed_dim,
+            "quick_gelu": self.quick_gelu,
+            "open_clip_version": open_clip.__version__,
+        }
+
+    def save(self, out_dir: str | Path) -> None:
+        card = write_weights(out_dir, self.model.state_dict(), self.card())
+        self.weights_sha256 = card["sha256"]
+        log.info(
+            "wrote %s weights %s (sha256 %s) to %s",
+            self.arch,
+            self.pretrained,
+            card["sha256"],
+            out_dir,
+        )
+
+    @classmethod
+    def load(cls, weights_dir: str | Path) -> ClipEncoder:
+        card, state = read_weights(weights_dir, cls.name)
+        check_arch(card["arch"])
+        preprocess = {
+            k: card[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in card
+        }
+        with _quiet_random_init():
+            model = open_clip.create_model(
+                card["arch"],
+                pretrained=None,
+                force_quick_gelu=card.get("quick_gelu", False),
+                force_image_size=card.get("image_size"),
+                force_context_length=card.get("context_length"),
+                force_preprocess_cfg=preprocess,
+            )
+        model.load_state_dict(state, strict=True)
+        encoder = cls(
+            model,
+            card["arch"],
+            pretrained=card["pretrained"],
+            source=card["source"],
+            quick_gelu=card.get("quick_gelu", False),
+        )
+        encoder.weights_sha256 = card["sha256"]
+        return encoder.eval()
+
+
+def pin_open_clip_weights(
+    arch: str, tag: str, out_dir: str | Path, cache_dir: str | None = None
+) -> dict:
+    """Download open_clip's weights ``arch``:``tag`` (hash-checked by open_clip) into a folder.
+
+    Needs network access; run once, e.g. ``ViT-B-16``/``openai`` (the paper's). Returns the card.
+    """
+    check_arch(arch)
+    tags = open_clip.list_pretrained_tags_by_model(arch)
+    if tag not in tags:
+        raise ValueError(f"unknown pretrained tag {tag!r} for CLIP arch {arch!r}; known: {tags}")
+    tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    model = open_clip.create_model(
+        arch,
+        pretrained=tag,
+        force_quick_gelu=quick_gelu,
+        cache_dir=cache_dir,
+        require_pretrained=True,
+    )
+    where = tag_cfg.get("hf_hub") or tag_cfg.get("url") or "?"
+    source = f"open_clip {open_clip.__version__} pretrained {arch}:{tag} ({where})"
+    encoder = ClipEncoder(model, arch, pretrained=tag, source=source, quick_gelu=quick_gelu)
+    return write_weights(out_dir, model.state_dict(), encoder.card())

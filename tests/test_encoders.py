@@ -1,0 +1,221 @@
+"""Encoder registry, the CLIP family, its weights folder and the demo pretraining."""
+
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.encoders import (
+    Encoder,
+    get_encoder,
+    list_encoders,
+    load_encoder,
+    register_encoder,
+)
+from pipeline.encoders.base import STATE_FILE, WEIGHTS_CARD, WeightsError, read_card
+from pipeline.encoders.clip import DEMO_ARCH, ClipEncoder, pin_open_clip_weights
+from pipeline.encoders.pretrain import (
+    PretrainConfig,
+    _augment,
+    embed_pairs,
+    pretrain_clip,
+    retrieval_recall,
+)
+
+MICRO_ARCH = "lmmrec-test-micro"  # a CLIP small enough to train in a test
+MICRO_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 60, 220),
+    "yellow": (235, 215, 40),
+    "purple": (130, 40, 170),
+    "orange": (245, 140, 20),
+    "black": (20, 20, 20),
+    "white": (245, 245, 245),
+}
+
+
+@pytest.fixture(scope="module")
+def micro_arch(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("configs") / f"{MICRO_ARCH}.json"
+    path.write_text(json.dumps(MICRO_CFG))
+    open_clip.add_model_config(path)
+    return MICRO_ARCH
+
+
+def coloured_squares(n: int, seed: int = 0) -> tuple[list[Image.Image], list[str], list[str]]:
+    """n 32x32 images: a square of a named colour on a light background, at a random place."""
+    rng = np.random.default_rng(seed)
+    names = list(COLOURS)
+    images, captions, labels = [], [], []
+    for i in range(n):
+        name = names[i % len(names)]
+        img = np.full((32, 32, 3), 200, np.uint8) + rng.integers(0, 30, 3).astype(np.uint8)
+        x, y, s = rng.integers(0, 12), rng.integers(0, 12), rng.integers(14, 20)
+        shade = np.clip(np.array(COLOURS[name]) + rng.normal(0, 10, 3), 0, 255)
+        img[y : y + s, x : x + s] = shade.astype(np.uint8)
+        images.append(Image.fromarray(img))
+        captions.append(f"a {name} square")
+        labels.append(name)
+    return images, captions, labels
+
+
+def test_registry_finds_clip_and_names_known_encoders():
+    assert "clip" in list_encoders()
+    assert get_encoder("clip") is ClipEncoder
+    assert ClipEncoder.name == "clip"
+    with pytest.raises(ValueError, match=r"unknown encoder 'nope'.*'clip'"):
+        get_encoder("nope")
+
+
+@pytest.mark.parametrize("name", list_encoders())
+def test_every_registered_encoder_encodes_saves_and_loads(name, tmp_path):
+    torch.manual_seed(0)
+    encoder = get_encoder(name).tiny().eval()
+    assert isinstance(encoder, Encoder) and encoder.name == name
+    images = torch.stack(
+        [encoder.image_transform(Image.new("RGB", (50, 40), c)) for c in ("red", "green", "blue")]
+    )
+    tokens = encoder.tokenize(["a red mug", "", "a much longer text about a blue cotton shirt"])
+    with torch.inference_mode():
+        image, text = encoder.encode_images(images), encoder.encode_texts(tokens)
+    assert image.shape == (3, encoder.image_dim) and text.shape == (3, encoder.text_dim)
+    assert encoder.trainable_parameters()
+
+    encoder.save(tmp_path / "w")
+    card = read_card(tmp_path / "w")
+    assert card["encoder"] == name and card["sha256"] == encoder.weights_sha256
+    loaded = load_encoder(tmp_path / "w")
+    assert type(loaded) is type(encoder) and loaded.weights_sha256 == card["sha256"]
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.encode_images(images), image)
+        torch.testing.assert_close(loaded.encode_texts(tokens), text)
+
+
+def test_register_rejects_duplicates_and_non_encoders():
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_encoder("clip")
+        class Other(ClipEncoder):
+            pass
+
+    with pytest.raises(TypeError, match="Encoder subclass"):
+        register_encoder("thing")(dict)
+    assert get_encoder("clip") is ClipEncoder
+
+
+def test_demo_arch_is_an_open_clip_model():
+    torch.manual_seed(0)
+    model = open_clip.create_model(DEMO_ARCH)
+    assert model.encode_image(torch.zeros(2, 3, 64, 64)).shape == (2, 128)
+    encoder = ClipEncoder.from_arch(DEMO_ARCH)
+    assert isinstance(encoder, Encoder)
+    assert (encoder.image_dim, encoder.text_dim) == (128, 128)
+    assert (encoder.image_size, encoder.context_length) == (64, 32)
+    tokens = encoder.tokenize(["a red mug", "a blue shoe"])
+    assert tokens.shape == (2, 32) and tokens.dtype == torch.long
+    assert encoder.image_transform(Image.new("RGB", (80, 64))).shape == (3, 64, 64)
+
+
+def test_unknown_arch_lists_known_ones():
+    with pytest.raises(ValueError, match=r"unknown CLIP arch 'ViT-Q-99'.*ViT-B-16"):
+        ClipEncoder.from_arch("ViT-Q-99")
+
+
+def test_weights_folder_round_trip(micro_arch, tmp_path):
+    torch.manual_seed(0)
+    encoder = ClipEncoder.from_arch(micro_arch).eval()
+    encoder.pretrained, encoder.source = "demo", "a test"
+    encoder.save(tmp_path / "w")
+    card = read_card(tmp_path / "w")
+    assert card["encoder"] == "clip" and card["arch"] == micro_arch
+    assert card["pretrained"] == "demo" and card["source"] == "a test"
+    assert card["image_size"] == 32 and card["context_length"] == 16 and card["embed_dim"] == 32
+    assert len(card["mean"]) == len(card["std"]) == 3
+    assert card["sha256"] == encoder.weights_sha256
+
+    loaded = load_encoder(tmp_path / "w")
+    assert isinstance(loaded, ClipEncoder) and loaded.weights_sha256 == card["sha256"]
+    x = torch.randn(3, 3, 32, 32)
+    tokens = encoder.tokenize(["red", "a green square", "blue things"])
+    with torch.inference_mode():
+        assert torch.equal(encoder.encode_images(x), loaded.encode_images(x))
+        assert torch.equal(encoder.encode_texts(tokens), loaded.encode_texts(tokens))
+        assert torch.equal(encoder.logit_scale, loaded.logit_scale)
+
+
+def test_weights_folder_is_checked(micro_arch, tmp_path):
+    torch.manual_seed(0)
+    ClipEncoder.from_arch(micro_arch).save(tmp_path / "w")
+    card = json.loads((tmp_path / "w" / WEIGHTS_CARD).read_text())
+    (tmp_path / "w" / WEIGHTS_CARD).write_text(json.dumps({**card, "encoder": "vlmo"}))
+    with pytest.raises(WeightsError, match="holds 'vlmo' weights, expected 'clip'"):
+        ClipEncoder.load(tmp_path / "w")
+    (tmp_path / "w" / WEIGHTS_CARD).write_text(json.dumps(card))
+    with open(tmp_path / "w" / STATE_FILE, "ab") as f:
+        f.write(b"tampered")
+    with pytest.raises(WeightsError, match="sha256"):
+        ClipEncoder.load(tmp_path / "w")
+    with pytest.raises(WeightsError, match="does not exist"):
+        load_encoder(tmp_path / "nowhere")
+
+
+def test_pin_rejects_unknown_tags_before_any_download(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown pretrained tag 'nope'.*openai"):
+        pin_open_clip_weights("ViT-B-16", "nope", tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+
+
+def test_retrieval_recall_counts_rank_of_true_pair():
+    emb = torch.eye(4)
+    assert retrieval_recall(emb, emb, ks=(1,)) == {"i2t_r1": 1.0, "t2i_r1": 1.0}
+    shifted = emb[[1, 2, 3, 0]]  # image i is most similar to text i - 1
+    recall = retrieval_recall(emb, shifted, ks=(1, 4))
+    assert recall["i2t_r1"] == 0.0 and recall["i2t_r4"] == 1.0
+
+
+def test_augment_is_identity_without_crop_or_flip():
+    x = torch.randn(4, 3, 16, 16)
+    cfg = PretrainConfig(min_crop_scale=1.0, hflip=False)
+    out = _augment(x, cfg, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
+    flipped = _augment(x, PretrainConfig(min_crop_scale=0.5), torch.Generator().manual_seed(0))
+    assert flipped.shape == x.shape and not torch.allclose(flipped, x)
+
+
+def test_pretrain_rejects_bad_input(micro_arch):
+    images, captions, _ = coloured_squares(8)
+    with pytest.raises(ValueError, match="8 images but 7 captions"):
+        pretrain_clip(micro_arch, images, captions[:7], PretrainConfig(holdout_pairs=0))
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        pretrain_clip(micro_arch, images, captions, PretrainConfig(epochs=0, holdout_pairs=0))
+    with pytest.raises(ValueError, match="holdout_pairs=7"):
+        pretrain_clip(micro_arch, images, captions, PretrainConfig(holdout_pairs=7))
+
+
+def test_pretraining_learns_colours_and_is_seeded(micro_arch):
+    images, captions, labels = coloured_squares(64)
+    cfg = PretrainConfig(epochs=8, batch_size=16, lr=2e-3, warmup_steps=4, holdout_pairs=16)
+    encoder, history = pretrain_clip(micro_arch, images, captions, cfg)
+    assert len(history["loss"]) == 8 and history["loss"][-1] < 0.8 * history["loss"][0]
+    assert encoder.pretrained == "demo" and "48 pairs, 8 epochs" in encoder.source
+    assert not encoder.training
+
+    # image -> caption: the top caption names the square's colour far above chance (1/8)
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
+    names = list(COLOURS)
+    img, txt = embed_pairs(encoder, pixels, encoder.tokenize([f"a {c} square" for c in names]))
+    predicted = [names[i] for i in (img @ txt.T).argmax(dim=1)]
+    accuracy = np.mean([p == t for p, t in zip(predicted, labels, strict=True)])
+    assert accuracy >= 0.5, f"colour accuracy {accuracy:.2f}"
+
+    again, history_again = pretrain_clip(micro_arch, images, captions, cfg)
+    assert history_again["loss"] == history["loss"]
