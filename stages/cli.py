@@ -73,6 +73,62 @@ def preprocess(
 
 
 @app.command()
+def weights(out: Out, params: Params = DEFAULT_PARAMS) -> None:
+    """Make (demo: pretrain on the synthetic corpus) or pin (hub) the encoder's weights."""
+    from stages import weights as stage
+
+    with _user_errors():
+        stage.run(load_params(params), out)
+
+
+@app.command()
+def extract(
+    feature_set: Annotated[str, typer.Option(help="Feature set, e.g. clip-pretrained.")],
+    items: Annotated[Path, typer.Option(help="Processed items.parquet.")],
+    weights: Annotated[Path, typer.Option(help="Encoder weights folder (weights stage).")],
+    out: Out,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Encode every item's image and text: items.parquet + image.faiss + text.faiss."""
+    from stages import extract as stage
+
+    with _user_errors():
+        stage.run(load_params(params), feature_set, items, weights, out)
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="Registered recommender, e.g. vbpr or bpr.")],
+    feature_set: Annotated[str, typer.Option(help="Feature set name, or `id` for ID-only.")],
+    interactions: Annotated[Path, typer.Option(help="Processed interactions.parquet.")],
+    out: Out,
+    features: Annotated[
+        Path | None, typer.Option(help="Feature store folder (models that read features).")
+    ] = None,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Train one recommender with BPR loss and early stopping; evaluate once on test."""
+    from stages import train as stage
+
+    with _user_errors():
+        stage.run(load_params(params), model, feature_set, interactions, features, out)
+
+
+@app.command()
+def report(
+    interactions: Annotated[Path, typer.Option(help="Processed interactions.parquet.")],
+    models: Annotated[Path, typer.Option(help="models/<dataset>: every trained run below it.")],
+    out: Out,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Paired significance tests between trained runs: significance.md and summary.json."""
+    from stages import report as stage
+
+    with _user_errors():
+        stage.run(load_params(params), interactions, models, out)
+
+
+@app.command()
 def stats(
     dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. demo.")],
     processed: Annotated[Path, typer.Option(help="Root of processed datasets.")] = Path(
@@ -86,6 +142,29 @@ def stats(
             raise FileNotFoundError(f"{path} not found: run `dvc repro preprocess` first")
         for key, value in json.loads(path.read_text()).items():
             typer.echo(f"{key:>28}: {value}")
+
+
+@features_app.command("show")
+def features_show(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. demo.")],
+    feature_set: Annotated[str, typer.Argument(help="Feature set, e.g. clip-pretrained.")],
+    root: Annotated[Path, typer.Option(help="Root of the feature store.")] = Path("features"),
+    rows: Annotated[int, typer.Option(help="Rows to preview.")] = 5,
+) -> None:
+    """Print a feature set's schema, metadata and a polars preview."""
+    import polars as pl
+
+    from pipeline.features import ITEMS_FILE, read_feature_store
+
+    folder = root / dataset / feature_set
+    with _user_errors():
+        store = read_feature_store(folder)
+        frame = pl.read_parquet(folder / ITEMS_FILE)
+    typer.echo(f"{folder}: {frame.height} items")
+    typer.echo(f"schema: {dict(frame.schema)}")
+    for key, value in sorted(store.metadata.items()):
+        typer.echo(f"  {key}: {value}")
+    typer.echo(frame.head(rows))
 
 
 if __name__ == "__main__":

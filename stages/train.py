@@ -1,0 +1,52 @@
+"""train stage: one recommender on one feature set (or ID-only), evaluated on the test split."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.interactions import load_interactions
+from pipeline.recommenders import get_recommender
+from pipeline.recommenders.base import ItemFeatures
+from pipeline.training import TrainConfig, train_recommender
+from stages.params import ParamsError, build, require
+
+log = logging.getLogger(__name__)
+
+ID_ONLY = "id"  # the feature-set name of ID-only runs (BPR, LightGCN)
+
+
+def train_config(params: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from the `train` section, the global seed and eval.topk."""
+    topk = tuple(require(params, "eval.topk"))
+    return build(TrainConfig, params.get("train"), "train", seed=require(params, "seed"), topk=topk)
+
+
+def run(
+    params: dict[str, Any],
+    model: str,
+    feature_set: str,
+    interactions: Path,
+    features: Path | None,
+    out: Path,
+) -> dict:
+    """Train ``model`` on ``interactions`` with the item features in ``features``; write ``out``."""
+    model_cls = get_recommender(model)
+    model_params = require(params, "recommenders").get(model)
+    data = load_interactions(interactions)
+    item_features = None
+    if model_cls.uses_features:
+        if feature_set == ID_ONLY or features is None:
+            raise ParamsError(f"{model} reads item features: give --feature-set and --features")
+        from pipeline.features import read_feature_store
+
+        store = read_feature_store(features)
+        item_features = ItemFeatures.from_arrays(
+            store.item_ids, store.image, store.text, data.n_items
+        )
+    elif feature_set != ID_ONLY:
+        raise ParamsError(f"{model} is ID-only: train it with --feature-set {ID_ONLY}")
+    metrics = train_recommender(model, data, item_features, model_params, train_config(params), out)
+    log.info("%s on %s: %s", model, feature_set, metrics)
+    return metrics
