@@ -10,6 +10,8 @@ import pyarrow.parquet as pq
 from pipeline.atomic import atomic_path
 
 SPLITS = ("train", "valid", "test")
+# The feature-set name of ID-only runs: models/<dataset>/id/<model>/ (BPR, LightGCN).
+ID_ONLY = "id"
 
 INTERACTIONS = pa.schema(
     [

@@ -10,9 +10,9 @@ from pipeline.atomic import atomic_path, write_json
 from pipeline.baselines import BASELINES, evaluate_baseline
 from pipeline.interactions import load_interactions
 from pipeline.report import render_markdown, summary
+from pipeline.schemas import ID_ONLY
 from pipeline.significance import ReportConfig, compare, load_runs
 from stages.params import build, require
-from stages.train import ID_ONLY
 
 log = logging.getLogger(__name__)
 

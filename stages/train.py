@@ -9,12 +9,11 @@ from typing import Any
 from pipeline.interactions import load_interactions
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures
+from pipeline.schemas import ID_ONLY
 from pipeline.training import TrainConfig, train_recommender
 from stages.params import ParamsError, build, require
 
 log = logging.getLogger(__name__)
-
-ID_ONLY = "id"  # the feature-set name of ID-only runs (BPR, LightGCN)
 
 
 def train_config(params: dict[str, Any]) -> TrainConfig:
