@@ -107,7 +107,7 @@ def test_register_rejects_duplicates_and_non_encoders():
         class Other(ClipEncoder):
             pass
 
-    with pytest.raises(TypeError, match="Encoder subclass"):
+    with pytest.raises(TypeError, match="needs a subclass of Encoder"):
         register_encoder("thing")(dict)
     assert get_encoder("clip") is ClipEncoder
 
