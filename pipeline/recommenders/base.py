@@ -103,6 +103,20 @@ def config_from_dict(cls: type[C], values: Mapping[str, Any] | C | None, owner: 
     return cls(**values)
 
 
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """The knobs every embedding recommender has; each model's config extends this one."""
+
+    embedding_size: int = 64  # MMRec and the LMM4Rec authors' default
+    reg_weight: float = 1e-4  # MMRec grid-searches {2, 1, 1e-1, ..., 1e-5}; one mid value
+
+    def __post_init__(self) -> None:
+        if self.embedding_size < 1:
+            raise ValueError(f"embedding_size = {self.embedding_size}; use at least 1")
+        if self.reg_weight < 0:
+            raise ValueError(f"reg_weight = {self.reg_weight}; use a value >= 0")
+
+
 class Recommender(nn.Module, ABC):
     """A recommender: built from the train graph (+ item features), trained with BPR batches.
 

@@ -15,21 +15,12 @@ from torch import nn
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import ItemFeatures, Recommender
+from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
 
 
 @dataclass(frozen=True)
-class BPRConfig:
+class BPRConfig(EmbeddingConfig):
     """BPR hyperparameters (defaults: MMRec's BPR.yaml / LMM4Rec's overall.yaml)."""
-
-    embedding_size: int = 64  # MMRec and the LMM4Rec authors' default
-    reg_weight: float = 1e-4  # MMRec grid-searches {2, 1, 1e-1, ..., 1e-5}; one mid value
-
-    def __post_init__(self) -> None:
-        if self.embedding_size < 1:
-            raise ValueError(f"embedding_size = {self.embedding_size}; use at least 1")
-        if self.reg_weight < 0:
-            raise ValueError(f"reg_weight = {self.reg_weight}; use a value >= 0")
 
 
 @register_recommender("bpr")
