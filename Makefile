@@ -29,5 +29,8 @@ lint: install
 test: lint
 	$(BIN)/pytest
 
+bench: install
+	$(BIN)/python benchmarks/bench_recommenders.py
+
 clean-venv:
 	rm -rf $(VENV)

@@ -10,14 +10,22 @@ of the best validation epoch, instead of at every evaluation.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import importlib
+import inspect
 import logging
 import math
+import pickle
+import random
+import sys
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from dvclive import Live
 from scmrepo.exceptions import SCMError
@@ -152,69 +160,259 @@ def _evaluate(
     )
 
 
+@dataclass
+class _Progress:
+    """Where a run stands after its last completed epoch: what a checkpoint carries."""
+
+    epoch: int = 0  # epochs completed
+    best: float = -math.inf  # best validation value so far
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None  # weights of best_epoch, on cpu
+    stale: int = 0  # evaluations in a row without gain
+    seconds: float = 0.0  # wall-clock spent by earlier, interrupted processes
+    history: list[dict[str, float]] = field(default_factory=list)  # dvclive rows, one a step
+
+
+def _digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
+    """A short hash of the shapes, dtypes and bytes of ``arrays`` (tensors of any layout)."""
+    h = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        h.update(f"{tuple(array.shape)}{array.dtype}".encode())
+        if isinstance(array, torch.Tensor):
+            array = array.detach().cpu()
+            if array.layout != torch.strided:
+                sparse = array.to_sparse_coo().coalesce()
+                h.update(_digest([sparse.indices(), sparse.values()]).encode())
+                continue
+            array = array.contiguous().reshape(-1).view(torch.uint8).numpy()
+        h.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _config_fields(config: Any) -> dict[str, Any]:
+    """A config as {field: value} for comparison (tuples as lists); repr if no dataclass."""
+    if not dataclasses.is_dataclass(config):
+        return {"repr": repr(config)}
+    return {
+        k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()
+    }
+
+
+# the code a run's result depends on besides the model's own module
+_CODE = ("training", "sampling", "evaluation", "losses", "graph", "interactions")
+
+
+def _code_digest(model: Recommender) -> str:
+    """Hash of the model's source file and of the shared modules training runs through."""
+    modules = [sys.modules[type(model).__module__], sys.modules[Recommender.__module__]]
+    modules += [importlib.import_module(f"pipeline.{name}") for name in _CODE]
+    sources = [Path(inspect.getfile(m)).read_bytes() for m in modules]
+    return _digest(np.frombuffer(source, dtype=np.uint8) for source in sources)
+
+
+def run_fingerprint(
+    model: Recommender, data: InteractionData, cfg: TrainConfig, device: torch.device
+) -> dict:
+    """What a checkpoint must match to be resumed: the model's name, config and code, the
+    training config and device, the interactions and the untrained model's named tensors
+    (which cover its item features and initialisation)."""
+    matrices = [data.train, data.valid, data.test]
+    named = [*model.named_parameters(), *model.named_buffers()]
+    names = np.frombuffer(" ".join(name for name, _ in named).encode(), dtype=np.uint8)
+    return {
+        "model": model.name,
+        "model_config": _config_fields(model.config),
+        "train_config": _config_fields(cfg),
+        "device": str(device),
+        "data": f"{data.n_users}x{data.n_items}:"
+        + _digest(a for m in matrices for a in (m.indptr, m.indices)),
+        "model_tensors": _digest([names, *(tensor for _, tensor in named)]),
+        "code": _code_digest(model),
+    }
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for every leaf where two fingerprints disagree."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            d
+            for k in sorted(set(old) | set(new))
+            for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")
+        ]
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def _rng_state() -> dict[str, Any]:
+    """The global Python, NumPy and torch generators (models may draw from them)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    random.setstate(state["python"])
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(
+    path: Path,
+    fingerprint: dict,
+    progress: _Progress,
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+) -> None:
+    """Write everything needed to continue the run after this epoch, atomically."""
+    checkpoint = {
+        "fingerprint": fingerprint,
+        "progress": dataclasses.asdict(progress),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": _rng_state(),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(checkpoint, tmp)
+
+
+def _load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
+    """The checkpoint at ``path`` if it was written by this very run, else None (warned)."""
+    if not path.exists():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        log.warning("checkpoint %s is unreadable (%s): training from scratch", path, exc)
+        return None
+    differences = _differences(checkpoint.get("fingerprint"), fingerprint)
+    if differences:
+        log.warning(
+            "checkpoint %s belongs to another run (%s): ignoring it, training from scratch",
+            path,
+            "; ".join(differences),
+        )
+        return None
+    return checkpoint
+
+
+def _log_step(live: Live | _NoLive, row: Mapping[str, float]) -> None:
+    for name, value in row.items():
+        live.log_metric(name, value)
+    live.next_step()
+
+
 def train(
-    model: Recommender, data: InteractionData, cfg: TrainConfig, out_dir: str | Path
+    model: Recommender,
+    data: InteractionData,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with early stopping on validation, test the best epoch once, and write
     ``metrics.json``, ``per_user.parquet``, ``model.pt`` (atomically) and a dvclive log.
 
+    With ``checkpoint_path``, the state of the run (weights, optimizer, random generators,
+    early-stopping counters, the dvclive rows) is saved there after every evaluation, and a
+    run that finds a checkpoint of the same model, configs, code, data and initial tensors
+    there continues from it, with the result of an uninterrupted run (a checkpoint of another run
+    is ignored with a warning and overwritten). The checkpoint is deleted once the outputs
+    are written. Keep it outside ``out_dir`` when DVC clears the outputs before a run.
+
     Returns the metrics written to ``metrics.json``: the test means ("recall@10" ...
     "map@50"), ``valid_<valid_metric>`` of the best epoch, ``best_epoch`` and ``epochs``
-    (1-based counts) and ``seconds`` (wall-clock, training + evaluations).
+    (1-based counts) and ``seconds`` (wall-clock, training + evaluations, summed over the
+    processes of a resumed run).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
+    checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+    fingerprint = None if checkpoint_path is None else run_fingerprint(model, data, cfg, device)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s (%d parameters) on %s: %s", model.name, n_params, device, cfg)
 
+    progress = _Progress()
+    checkpoint = None if checkpoint_path is None else _load_checkpoint(checkpoint_path, fingerprint)
+    if checkpoint is not None:
+        progress = _Progress(**checkpoint["progress"])
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        _set_rng_state(checkpoint["rng"])
+        log.info("resuming %s after epoch %d from %s", model.name, progress.epoch, checkpoint_path)
+
     started = time.perf_counter()
-    best, best_epoch, best_state, stale, epoch = -math.inf, 0, None, 0, 0
     with open_live(out_dir / DVCLIVE_DIR) as live:
-        for epoch in tqdm(range(1, cfg.max_epochs + 1), desc=model.name, disable=None):
+        for row in progress.history:
+            _log_step(live, row)
+        bar = tqdm(total=cfg.max_epochs, initial=progress.epoch, desc=model.name, disable=None)
+        while progress.epoch < cfg.max_epochs and progress.stale <= cfg.patience:
+            epoch = progress.epoch + 1
             epoch_start = time.perf_counter()
-            loss = _train_epoch(model, optimizer, data, cfg, epoch, device)
-            live.log_metric("loss", loss)
-            if epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs:
+            row = {"loss": _train_epoch(model, optimizer, data, cfg, epoch, device)}
+            evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs
+            if evaluated:
                 valid = _evaluate(model, data, "valid", cfg, device).means
                 value = valid[cfg.valid_metric]
                 for k in cfg.topk:
-                    live.log_metric(f"valid_recall@{k}", valid[f"recall@{k}"])
-                    live.log_metric(f"valid_ndcg@{k}", valid[f"ndcg@{k}"])
-                if value > best:
-                    best, best_epoch, stale = value, epoch, 0
-                    best_state = {
+                    row[f"valid_recall@{k}"] = valid[f"recall@{k}"]
+                    row[f"valid_ndcg@{k}"] = valid[f"ndcg@{k}"]
+                if value > progress.best:
+                    progress.best, progress.best_epoch, progress.stale = value, epoch, 0
+                    progress.best_state = {
                         k: v.detach().cpu().clone() for k, v in model.state_dict().items()
                     }
                 else:
-                    stale += 1
+                    progress.stale += 1
                 log.info(
                     "epoch %d: loss %.5f, valid %s %.5f (best %.5f at epoch %d)",
                     epoch,
-                    loss,
+                    row["loss"],
                     cfg.valid_metric,
                     value,
-                    best,
-                    best_epoch,
+                    progress.best,
+                    progress.best_epoch,
                 )
-            live.log_metric("epoch_seconds", time.perf_counter() - epoch_start)
-            live.next_step()
-            if stale > cfg.patience:
-                log.info("early stop at epoch %d: no gain for %d evaluations", epoch, stale)
-                break
+            row["epoch_seconds"] = time.perf_counter() - epoch_start
+            _log_step(live, row)
+            progress.history.append(row)
+            progress.epoch = epoch
+            bar.update()
+            if evaluated and checkpoint_path is not None:
+                elapsed = time.perf_counter() - started
+                saved = dataclasses.replace(progress, seconds=progress.seconds + elapsed)
+                _save_checkpoint(checkpoint_path, fingerprint, saved, model, optimizer)
+            if progress.stale > cfg.patience:
+                log.info(
+                    "early stop at epoch %d: no gain for %d evaluations", epoch, progress.stale
+                )
+        bar.close()
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(progress.best_state)
     test = _evaluate(model, data, "test", cfg, device)
     metrics: dict[str, Any] = dict(test.means)
-    metrics[f"valid_{cfg.valid_metric}"] = best
-    metrics.update(best_epoch=best_epoch, epochs=epoch, seconds=time.perf_counter() - started)
+    metrics[f"valid_{cfg.valid_metric}"] = progress.best
+    metrics.update(
+        best_epoch=progress.best_epoch,
+        epochs=progress.epoch,
+        seconds=progress.seconds + time.perf_counter() - started,
+    )
     test.write_parquet(out_dir / PER_USER_FILE)
     with atomic_path(out_dir / MODEL_FILE) as tmp:
-        torch.save(best_state, tmp)
+        torch.save(progress.best_state, tmp)
     write_json(out_dir / METRICS_FILE, metrics)
+    if checkpoint_path is not None:
+        checkpoint_path.unlink(missing_ok=True)
     log.info("%s test: %s", model.name, {k: round(v, 5) for k, v in test.means.items()})
     return metrics
 
@@ -226,8 +424,10 @@ def train_recommender(
     model_config: Mapping[str, Any] | Any | None,
     cfg: TrainConfig,
     out_dir: str | Path,
+    checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Seed, build the registered recommender ``name`` and ``train`` it (what the stage runs)."""
+    """Seed, build the registered recommender ``name`` and ``train`` it (what the stage runs);
+    ``checkpoint_path`` makes the run resumable (see ``train``)."""
     seed_everything(cfg.seed)
     model = get_recommender(name).build(data, features, model_config)
-    return train(model, data, cfg, out_dir)
+    return train(model, data, cfg, out_dir, checkpoint_path)

@@ -105,13 +105,37 @@ def train(
     features: Annotated[
         Path | None, typer.Option(help="Feature store folder (models that read features).")
     ] = None,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint to resume an interrupted run from (deleted when done)."),
+    ] = None,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
     """Train one recommender with BPR loss and early stopping; evaluate once on test."""
     from stages import train as stage
 
     with _user_errors():
-        stage.run(load_params(params), model, feature_set, interactions, features, out)
+        stage.run(load_params(params), model, feature_set, interactions, features, out, checkpoint)
+
+
+@app.command()
+def recommend(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. demo.")],
+    feature_set: Annotated[str, typer.Argument(help="Feature set the model used, or `id`.")],
+    model: Annotated[str, typer.Argument(help="Registered recommender, e.g. vbpr.")],
+    user: Annotated[int | None, typer.Option(help="User id to recommend to.")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items per user.")] = 10,
+    all_users: Annotated[bool, typer.Option("--all", help="Every user, into --out.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Parquet file: user_id, rank, item_id, score.")
+    ] = None,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Top-k items of a trained recommender: one user with titles, or --all into Parquet."""
+    from stages import recommend as stage
+
+    with _user_errors():
+        stage.run(load_params(params), dataset, feature_set, model, user, k, all_users, out)
 
 
 @app.command()

@@ -29,8 +29,12 @@ def run(
     interactions: Path,
     features: Path | None,
     out: Path,
+    checkpoint: Path | None = None,
 ) -> dict:
-    """Train ``model`` on ``interactions`` with the item features in ``features``; write ``out``."""
+    """Train ``model`` on ``interactions`` with the item features in ``features``; write ``out``.
+
+    With ``checkpoint``, an interrupted run continues from its last evaluation.
+    """
     model_cls = get_recommender(model)
     model_params = require(params, "recommenders").get(model)
     data = load_interactions(interactions)
@@ -46,6 +50,7 @@ def run(
         )
     elif feature_set != ID_ONLY:
         raise ParamsError(f"{model} is ID-only: train it with --feature-set {ID_ONLY}")
-    metrics = train_recommender(model, data, item_features, model_params, train_config(params), out)
+    cfg = train_config(params)
+    metrics = train_recommender(model, data, item_features, model_params, cfg, out, checkpoint)
     log.info("%s on %s: %s", model, feature_set, metrics)
     return metrics

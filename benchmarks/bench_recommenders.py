@@ -1,0 +1,315 @@
+"""Speed (and, with --scale, memory) of every registered recommender; see benchmarks/README.md.
+
+    python benchmarks/bench_recommenders.py                 # the demo data, all models
+    python benchmarks/bench_recommenders.py --scale         # synthetic Elec size, one process each
+    python benchmarks/bench_recommenders.py --models bpr,vbpr --threads 2
+
+Not a test: it reports timings and ratios measured in this run, on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from pipeline.evaluation import evaluate
+from pipeline.interactions import InteractionData, load_interactions
+from pipeline.recommenders import get_recommender, list_recommenders
+from pipeline.recommenders.base import ItemFeatures
+from pipeline.sampling import epoch_batches
+from pipeline.seeding import seed_everything
+from pipeline.training import TrainConfig, _train_epoch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_INTERACTIONS = ROOT / "data/processed/demo/interactions.parquet"
+DEMO_FEATURES = ROOT / "features/demo/clip-pretrained"
+
+# Amazon 2014 Electronics, 5-core (the largest dataset of the LMM4Rec study)
+ELEC_USERS, ELEC_ITEMS, ELEC_INTERACTIONS = 192_403, 63_001, 1_689_188
+IMAGE_DIM, TEXT_DIM = 4096, 384  # the VGG image features of Amazon 2014 + a MiniLM text vector
+POPULARITY_EXPONENT = 0.6  # item i of popularity rank r is drawn with weight r ** -0.6
+USER_DEGREE_SHAPE = 1.5  # Pareto shape of the per-user extra interactions above 5
+
+SAMPLING_TARGET = 0.10  # negative sampling + batching: at most this share of an epoch
+EVAL_TARGET = 2.0  # a full validation pass: at most this many dense score matmuls
+
+log = logging.getLogger("bench")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    """Median wall-clock of ``reps`` calls of ``fn``."""
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def model_params(name: str) -> dict[str, Any]:
+    """The model's section of params.yaml (what the pipeline trains), or {} for defaults."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
+    return dict((params.get("recommenders") or {}).get(name) or {})
+
+
+def load_demo() -> tuple[InteractionData, ItemFeatures]:
+    """The demo interactions and CLIP features, or exit saying how to make them."""
+    missing = [p for p in (DEMO_INTERACTIONS, DEMO_FEATURES / "items.parquet") if not p.exists()]
+    if missing:
+        sys.exit(f"missing {', '.join(map(str, missing))}: run `make repro` first")
+    from pipeline.features import read_feature_store
+
+    data = load_interactions(DEMO_INTERACTIONS)
+    store = read_feature_store(DEMO_FEATURES)
+    features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)
+    return data, features
+
+
+def synthetic_elec(seed: int) -> InteractionData:
+    """An Elec-sized interaction set: every user >= 5 items (heavy-tailed degrees), items
+    drawn by power-law popularity without repeats per user, per-user 8:1:1 split. Seeded."""
+    rng = np.random.default_rng(seed)
+    extra = ELEC_INTERACTIONS - 5 * ELEC_USERS
+    weights = rng.pareto(USER_DEGREE_SHAPE, ELEC_USERS) + 1.0
+    degree = 5 + rng.multinomial(extra, weights / weights.sum())
+    users = np.repeat(np.arange(ELEC_USERS), degree)
+    popularity = np.arange(1, ELEC_ITEMS + 1, dtype=np.float64) ** -POPULARITY_EXPONENT
+    popularity = popularity[rng.permutation(ELEC_ITEMS)]  # popularity unrelated to item id
+    popularity /= popularity.sum()
+    items = rng.choice(ELEC_ITEMS, size=len(users), p=popularity)
+    while True:  # redraw repeated (user, item) pairs until none is left
+        keys = users * ELEC_ITEMS + items
+        order = np.argsort(keys, kind="stable")
+        repeated = np.zeros(len(keys), dtype=bool)
+        repeated[order[1:]] = keys[order[1:]] == keys[order[:-1]]
+        if not repeated.any():
+            break
+        items[repeated] = rng.choice(ELEC_ITEMS, size=int(repeated.sum()), p=popularity)
+    position = np.arange(len(users)) - np.repeat(np.cumsum(degree) - degree, degree)
+    n_held = np.repeat(np.maximum(1, np.rint(0.1 * degree).astype(np.int64)), degree)
+    split = np.where(position < n_held, "test", np.where(position < 2 * n_held, "valid", "train"))
+    return InteractionData.from_arrays(users, items, split, ELEC_USERS, ELEC_ITEMS)
+
+
+def synthetic_features(seed: int) -> ItemFeatures:
+    """Random Elec-sized item features: image [63001, 4096] and text [63001, 384] float32."""
+    rng = np.random.default_rng([seed, 1])
+    image = rng.standard_normal((ELEC_ITEMS, IMAGE_DIM), dtype=np.float32)
+    text = rng.standard_normal((ELEC_ITEMS, TEXT_DIM), dtype=np.float32)
+    return ItemFeatures(image=torch.from_numpy(image), text=torch.from_numpy(text))
+
+
+def dense_scores_seconds(n_users: int, n_items: int, dim: int, chunk: int, reps: int) -> float:
+    """Time of the dense [n_users, n_items] score matmul at width ``dim`` (in ``chunk``-row
+    slices, as an evaluation scores users, so that it fits in memory at any size)."""
+    users = torch.randn(n_users, dim)
+    items_t = torch.randn(n_items, dim).T.contiguous()
+
+    def product() -> None:
+        for start in range(0, n_users, chunk):
+            users[start : start + chunk] @ items_t
+
+    return median_seconds(product, reps)
+
+
+def bench_model(
+    name: str,
+    data: InteractionData,
+    features: ItemFeatures | None,
+    cfg: TrainConfig,
+    epochs: int,
+    reps: int,
+) -> dict[str, Any]:
+    """Build ``name``, time its training epochs, the sampling inside them, a full validation
+    pass and the dense score matmul it is compared with."""
+    seed_everything(cfg.seed)
+    uses_features = get_recommender(name).uses_features
+    start = time.perf_counter()
+    model = get_recommender(name).build(
+        data, features if uses_features else None, model_params(name)
+    )
+    build_s = time.perf_counter() - start
+    device = torch.device("cpu")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    epoch_s = median_seconds(lambda: _train_epoch(model, optimizer, data, cfg, 1, device), epochs)
+    sampling_s = median_seconds(
+        lambda: sum(1 for _ in epoch_batches(data, cfg.batch_size, cfg.seed, 1)), epochs
+    )
+
+    def validation_pass() -> None:
+        model.train()  # as in training: a graph model's cached propagation is stale again
+        model.eval()
+        evaluate(model.score, data, "valid", cfg.topk, cfg.eval_batch_size)
+
+    eval_s = median_seconds(validation_pass, reps)
+    dim = int(getattr(model.config, "embedding_size", 64))
+    dense_s = dense_scores_seconds(data.n_users, data.n_items, dim, cfg.eval_batch_size, reps)
+    return {
+        "model": name,
+        "params": sum(p.numel() for p in model.parameters()),
+        "build_s": build_s,
+        "epoch_s": epoch_s,
+        "sampling_s": sampling_s,
+        "sampling_share": sampling_s / epoch_s,
+        "eval_s": eval_s,
+        "dim": dim,
+        "dense_s": dense_s,
+        "eval_ratio": eval_s / dense_s,
+    }
+
+
+def flag(ok: bool) -> str:
+    return "ok" if ok else "OVER"
+
+
+def print_table(rows: list[dict[str, Any]], scale: bool) -> None:
+    """One line per model; failures say why."""
+    header = (
+        f"{'model':<10}{'params':>11}{'build s':>9}{'epoch s':>9}{'sampling':>14}"
+        f"{'eval s':>9}{'dim':>5}{'dense s':>9}{'eval/dense':>15}"
+    )
+    if scale:
+        header += f"{'RSS load MiB':>14}{'peak RSS MiB':>14}"
+    print(header)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<10}  FAILED: {r['error']}")
+            continue
+        share = f"{r['sampling_share']:.1%} {flag(r['sampling_share'] <= SAMPLING_TARGET)}"
+        ratio = f"{r['eval_ratio']:.1f}x {flag(r['eval_ratio'] <= EVAL_TARGET)}"
+        line = (
+            f"{r['model']:<10}{r['params']:>11,}{r['build_s']:>9.2f}{r['epoch_s']:>9.2f}"
+            f"{share:>14}{r['eval_s']:>9.2f}{r['dim']:>5}{r['dense_s']:>9.3f}{ratio:>15}"
+        )
+        if scale:
+            line += f"{r['rss_load_mib']:>14,.0f}{r['peak_rss_mib']:>14,.0f}"
+        print(line)
+    print(
+        f"targets: sampling <= {SAMPLING_TARGET:.0%} of an epoch; "
+        f"a validation pass <= {EVAL_TARGET:g} x the dense [users x items] score matmul"
+    )
+
+
+def train_config(args: argparse.Namespace, batch_size: int) -> TrainConfig:
+    return TrainConfig(batch_size=batch_size, device="cpu", seed=args.seed)
+
+
+def run_demo(args: argparse.Namespace, names: list[str]) -> None:
+    data, features = load_demo()
+    batch_size = args.batch_size or 512  # params.yaml's demo batch
+    cfg = train_config(args, batch_size)
+    print(
+        f"demo: {data.n_users} users, {data.n_items} items, {data.n_train} train pairs; "
+        f"batch {batch_size}, {torch.get_num_threads()} thread(s), median of "
+        f"{args.epochs} epochs / {args.reps} validation passes"
+    )
+    rows = []
+    for name in names:
+        try:
+            rows.append(bench_model(name, data, features, cfg, args.epochs, args.reps))
+        except Exception as exc:  # one broken model must not hide the others
+            log.debug("%s failed", name, exc_info=True)
+            rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+    print_table(rows, scale=False)
+
+
+def scale_worker(args: argparse.Namespace, name: str) -> None:
+    """One model at Elec size, in its own process; prints one RESULT line of JSON."""
+    result: dict[str, Any] = {"model": name}
+    try:
+        start = time.perf_counter()
+        data = synthetic_elec(args.seed)
+        features = synthetic_features(args.seed) if get_recommender(name).uses_features else None
+        result.update(data_s=time.perf_counter() - start, rss_load_mib=peak_rss_mib())
+        cfg = train_config(args, args.batch_size or 2048)  # the paper's batch
+        result.update(bench_model(name, data, features, cfg, epochs=1, reps=1))
+    except Exception as exc:  # MemoryError included: report it with the peak reached
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        traceback.print_exc()
+    result["peak_rss_mib"] = peak_rss_mib()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_scale(args: argparse.Namespace, names: list[str]) -> None:
+    batch_size = args.batch_size or 2048
+    print(
+        f"scale: synthetic Elec, {ELEC_USERS:,} users, {ELEC_ITEMS:,} items, "
+        f"{ELEC_INTERACTIONS:,} interactions, features {IMAGE_DIM} + {TEXT_DIM} float32; "
+        f"batch {batch_size}, {args.threads} thread(s), one epoch + one validation pass, "
+        "one process per model",
+        flush=True,
+    )
+    rows = []
+    for name in names:
+        command = [sys.executable, __file__, "--scale-worker", name, "--seed", str(args.seed)]
+        command += ["--threads", str(args.threads), "--batch-size", str(batch_size)]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            rows.append({"model": name, "error": f"no result within --timeout {args.timeout} s"})
+            continue
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        if lines:
+            row = json.loads(lines[-1].removeprefix("RESULT "))
+        elif done.returncode < 0:
+            row = {"model": name, "error": f"killed by signal {-done.returncode} (out of memory?)"}
+        else:
+            row = {"model": name, "error": f"exited with code {done.returncode}, no result"}
+        if "error" in row and "peak_rss_mib" in row:
+            row["error"] += f" (peak RSS {row['peak_rss_mib']:,.0f} MiB)"
+        rows.append(row)
+        print(f"  {name}: {time.perf_counter() - start:.0f} s in all", flush=True)
+    print_table(rows, scale=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", action="store_true", help="synthetic Elec-sized data")
+    parser.add_argument("--models", help="comma-separated subset (default: every registered)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--epochs", type=int, default=3, help="demo: epochs timed (median)")
+    parser.add_argument("--reps", type=int, default=3, help="demo: validation passes timed")
+    parser.add_argument("--batch-size", type=int, help="default: 512 demo, 2048 scale")
+    parser.add_argument("--seed", type=int, default=2022)
+    parser.add_argument("--timeout", type=float, default=3600, help="scale: seconds per model")
+    parser.add_argument("--scale-worker", metavar="MODEL", help=argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log the models' details")
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    torch.set_num_threads(args.threads)
+    if args.scale_worker:
+        scale_worker(args, args.scale_worker)
+        return
+    known = list_recommenders()
+    names = args.models.split(",") if args.models else known
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; registered: {known}")
+    (run_scale if args.scale else run_demo)(args, names)
+
+
+if __name__ == "__main__":
+    main()

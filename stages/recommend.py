@@ -1,0 +1,192 @@
+"""recommend: top-k items of a trained recommender, for one user (printed) or every user.
+
+Reads what the pipeline made: ``models/<dataset>/<feature_set>/<model>/model.pt`` (the best
+validation epoch's weights), ``data/processed/<dataset>/`` (interactions, item titles) and,
+for models that read item features, ``features/<dataset>/<feature_set>/``. The ranking is the
+evaluator's (``pipeline.evaluation.recommend``): every item scored, the user's train items
+masked, ties broken by lower item id.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import typer
+
+from pipeline.atomic import atomic_path
+from pipeline.evaluation import recommend
+from pipeline.interactions import InteractionData, load_interactions
+from pipeline.recommenders import get_recommender
+from pipeline.recommenders.base import ItemFeatures, Recommender
+from pipeline.schemas import ID_ONLY
+from pipeline.training import MODEL_FILE, resolve_device
+from stages.params import ParamsError, require
+from stages.train import train_config
+
+log = logging.getLogger(__name__)
+
+RECOMMENDATIONS = pa.schema(
+    [
+        pa.field("user_id", pa.int32(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),  # 1 = best
+        pa.field("item_id", pa.int32(), nullable=False),
+        pa.field("score", pa.float32(), nullable=False),  # the model's raw score
+    ]
+)
+
+
+def train_stage(model: str, feature_set: str) -> str:
+    """The dvc.yaml stage that trains ``model`` on ``feature_set``."""
+    return f"train_id@{model}" if feature_set == ID_ONLY else f"train@{model}-{feature_set}"
+
+
+def load_model(
+    params: dict[str, Any],
+    name: str,
+    feature_set: str,
+    data: InteractionData,
+    model_file: Path,
+    features_dir: Path,
+) -> Recommender:
+    """Rebuild recommender ``name`` from params.yaml and load its trained weights (eval mode)."""
+    model_cls = get_recommender(name)
+    if model_cls.uses_features and feature_set == ID_ONLY:
+        raise ParamsError(f"{name} reads item features: name a feature set, not {ID_ONLY!r}")
+    if not model_cls.uses_features and feature_set != ID_ONLY:
+        raise ParamsError(f"{name} is ID-only: its runs live under feature set {ID_ONLY!r}")
+    if not model_file.is_file():
+        stage = train_stage(name, feature_set)
+        raise FileNotFoundError(f"{model_file} not found: train it first with `dvc repro {stage}`")
+    features = None
+    if model_cls.uses_features:
+        from pipeline.features import read_feature_store
+
+        store = read_feature_store(features_dir)
+        features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)
+    model = model_cls.build(data, features, require(params, "recommenders").get(name))
+    state = torch.load(model_file, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise RuntimeError(
+            f"{model_file} does not fit recommenders.{name} in params.yaml ({first}); "
+            f"re-train it with `dvc repro {train_stage(name, feature_set)}`"
+        ) from exc
+    return model.eval()
+
+
+def top_k_table(
+    model: Recommender,
+    data: InteractionData,
+    users: np.ndarray,
+    k: int,
+    batch_size: int = 4096,
+    device: torch.device | str = "cpu",
+) -> pa.Table:
+    """Top-``k`` of ``users`` with their scores, train items masked: ``RECOMMENDATIONS`` rows,
+    k per user, ordered by user then rank."""
+    users = np.asarray(users, dtype=np.int64)
+    unseen = data.n_items - np.diff(data.train.indptr)[users]
+    if not 1 <= k <= unseen.min(initial=data.n_items):
+        worst = int(users[np.argmin(unseen)]) if len(users) else None
+        raise ValueError(
+            f"k = {k}; use 1..{unseen.min(initial=data.n_items)} "
+            f"(user {worst} has that many items outside their train set)"
+        )
+    model.to(device)
+    items = np.empty((len(users), k), dtype=np.int64)
+    scores = np.empty((len(users), k), dtype=np.float32)
+    for start in range(0, len(users), batch_size):
+        batch = users[start : start + batch_size]
+        with torch.no_grad():
+            raw = model.score(torch.from_numpy(batch).to(device)).float()
+        ranked = recommend(lambda _, s=raw: s, data, batch, k, len(batch))
+        items[start : start + len(batch)] = ranked
+        index = torch.from_numpy(ranked).to(raw.device)
+        scores[start : start + len(batch)] = raw.gather(1, index).cpu().numpy()
+    return pa.table(
+        {
+            "user_id": np.repeat(users, k).astype(np.int32),
+            "rank": np.tile(np.arange(1, k + 1, dtype=np.int32), len(users)),
+            "item_id": items.ravel().astype(np.int32),
+            "score": scores.ravel(),
+        },
+        schema=RECOMMENDATIONS,
+    )
+
+
+def _titles(items_file: Path) -> dict[int, str]:
+    if not items_file.is_file():
+        raise FileNotFoundError(f"{items_file} not found: run `dvc repro preprocess` first")
+    table = pq.read_table(items_file, columns=["item_id", "title"])
+    return dict(
+        zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True)
+    )
+
+
+def describe_user(
+    data: InteractionData, user: int, recs: pa.Table, titles: dict[int, str], label: str
+) -> str:
+    """The user's train history and their top-k as text; held-out hits are marked."""
+    history = data.items_of("train", user)
+    held_out = {int(i): split for split in ("valid", "test") for i in data.items_of(split, user)}
+    lines = [f"user {user}: {len(history)} train items"]
+    lines += [f"  {i:>7}  {titles.get(int(i), '?')}" for i in history]
+    lines.append(f"top-{recs.num_rows} by {label} (train items masked):")
+    for rank, item, score in zip(
+        *(recs.column(c).to_pylist() for c in ("rank", "item_id", "score")), strict=True
+    ):
+        mark = f"  [{held_out[item]}]" if item in held_out else ""
+        lines.append(f"  {rank:>3}. {item:>7}  {score:9.4f}  {titles.get(item, '?')}{mark}")
+    return "\n".join(lines)
+
+
+def run(
+    params: dict[str, Any],
+    dataset: str,
+    feature_set: str,
+    model: str,
+    user: int | None,
+    k: int,
+    all_users: bool,
+    out: Path | None,
+    processed: Path = Path("data/processed"),
+    features: Path = Path("features"),
+    models: Path = Path("models"),
+) -> pa.Table:
+    """Recommend ``k`` items to ``user`` (printed with titles) or, with ``all_users``, to every
+    user (written to ``out`` as Parquet, atomically). Returns the recommendation rows."""
+    if all_users == (user is not None):
+        raise ValueError("give either --user U or --all (with --out), not both or neither")
+    if all_users and out is None:
+        raise ValueError("--all writes a Parquet file: give --out, e.g. --out recs.parquet")
+    data = load_interactions(processed / dataset / "interactions.parquet")
+    if user is not None and not 0 <= user < data.n_users:
+        raise ValueError(f"user {user} is unknown: {dataset} has user ids 0..{data.n_users - 1}")
+    cfg = train_config(params)
+    recommender = load_model(
+        params,
+        model,
+        feature_set,
+        data,
+        models / dataset / feature_set / model / MODEL_FILE,
+        features / dataset / feature_set,
+    )
+    users = np.arange(data.n_users) if all_users else np.array([user])
+    recs = top_k_table(recommender, data, users, k, cfg.eval_batch_size, resolve_device(cfg.device))
+    if out is not None:
+        with atomic_path(out) as tmp:
+            pq.write_table(recs, tmp)
+        log.info("wrote top-%d of %d users to %s", k, len(users), out)
+    if not all_users:
+        label = model if feature_set == ID_ONLY else f"{model} on {feature_set}"
+        titles = _titles(processed / dataset / "items.parquet")
+        typer.echo(describe_user(data, int(user), recs, titles, label))
+    return recs
