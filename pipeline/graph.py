@@ -18,7 +18,7 @@ def sym_normalize(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Te
 
     Rows with zero degree stay zero. Returns a coalesced sparse COO tensor.
     """
-    deg = torch.zeros(n, dtype=values.dtype).index_add_(0, index[0], values)
+    deg = torch.zeros(n, dtype=values.dtype, device=values.device).index_add_(0, index[0], values)
     inv_sqrt = torch.where(deg > 0, deg.clamp(min=1e-12).rsqrt(), torch.zeros_like(deg))
     norm = inv_sqrt[index[0]] * values * inv_sqrt[index[1]]
     return torch.sparse_coo_tensor(index, norm, (n, n), check_invariants=False).coalesce()

@@ -99,7 +99,14 @@ def test_every_registered_model_scores_and_trains(name):
             optimizer.step()
             total += loss.item()
         losses.append(total)
-    assert losses[-1] < 0.5 * losses[0]
+    assert losses[-1] < losses[0]
+    # learning, whatever the loss's floor (SLMRec's InfoNCE main loss has a high one): most of
+    # each user's top 5 lie in the user's own group, where chance is 1 in 4
+    model.eval()
+    with torch.no_grad():
+        top = model.score(torch.arange(data.n_users)).topk(5).indices
+    in_group = (top % 4 == (torch.arange(data.n_users) % 4)[:, None]).float().mean().item()
+    assert in_group > 0.6, f"{name}: only {in_group:.2f} of top-5 items in the user's group"
 
 
 def test_vbpr_follows_mmrec_layout():
