@@ -21,10 +21,14 @@ def _module_file(name: str) -> Path | None:
 
 
 def _imports(path: Path, seen: set[Path]) -> set[Path]:
-    """Every project file ``path`` imports, directly or not (lazy imports included)."""
+    """Every project file ``path`` imports, directly or not (lazy imports and the modules a
+    package's registry discovers included)."""
     if path in seen:
         return seen
     seen.add(path)
+    if path.name == "__init__.py":  # registries import every module of their package
+        for module in sorted(path.parent.glob("*.py")):
+            _imports(module, seen)
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
