@@ -1,0 +1,168 @@
+"""MMGCN: one graph convolution network per modality over the user-item graph.
+
+Wei et al., "MMGCN: Multi-modal Graph Convolution Network for Personalized Recommendation of
+Micro-video", ACM MM 2019. Follows MMRec's ``src/models/mmgcn.py`` (the version the LMM4Rec
+study ran): per modality, node inputs are [user preference ; item features], with image
+features first projected by a linear layer to ``image_latent_size`` (text features enter at
+their own width), rows L2-normalised. Each of ``n_layers`` layers computes
+h = leaky(mean over graph neighbours of x W), x_hat = leaky(Linear(x)) + ID embedding,
+x = leaky(Linear([h ; x_hat])) (MMRec passes ``concate='False'``, a non-empty string, so the
+concatenation branch is the one that runs). The representation is the mean over the present
+modalities; score = inner product; loss = BPR + reg_weight * (mean squared ID embedding of the
+batch + mean squared user preference).
+
+Departures from MMRec: the user preferences and ID embeddings are trained (MMRec builds them
+as plain tensors that never reach the optimiser, so they stay at their random init; set
+``learn_embeddings: false`` to reproduce that); every modality's preference is regularised
+(MMRec: only the image one); ``n_layers`` is honoured (MMRec hard-codes three); all weights
+use Xavier-normal init; propagation is a sparse D^-1 A product instead of torch_geometric;
+the representation is cached while in eval mode.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.interactions import InteractionData
+from pipeline.losses import bpr_loss
+from pipeline.recommenders import register_recommender
+from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
+
+
+@dataclass(frozen=True)
+class MMGCNConfig(EmbeddingConfig):
+    """MMGCN hyperparameters (defaults: the LMM4Rec authors' MMGCN.yaml and MMRec's code)."""
+
+    embedding_size: int = 128  # LMM4Rec's MMGCN.yaml (MMRec's default is 64)
+    reg_weight: float = 1e-3  # LMM4Rec's grid {1e-3, 1e-2, 1e-1}
+    n_layers: int = 3  # graph convolution layers per modality (MMRec's code has three)
+    image_latent_size: int = 256  # width image features are projected to (MMRec's dim_latent)
+    learn_embeddings: bool = True  # False: preferences and ID embeddings frozen, as in MMRec
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_layers < 1:
+            raise ValueError(f"n_layers = {self.n_layers}; use at least 1")
+        if self.image_latent_size < 1:
+            raise ValueError(f"image_latent_size = {self.image_latent_size}; use at least 1")
+
+
+def mean_adjacency(data: InteractionData) -> torch.Tensor:
+    """The row-normalised user-item train graph D^-1 A [(U + I), (U + I)], users first:
+    multiplying by it averages each node's neighbours (torch_geometric's ``aggr='mean'``)."""
+    users = torch.from_numpy(data.train_users)
+    items = torch.from_numpy(data.train_items) + data.n_users
+    index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
+    n = data.n_users + data.n_items
+    values = 1.0 / torch.bincount(index[0], minlength=n).float()[index[0]]
+    coo = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
+    with warnings.catch_warnings():  # CSR is "beta"; its backward pass is faster than COO's
+        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+        return coo.to_sparse_csr()
+
+
+def _weight(rows: int, cols: int, learn: bool = True) -> nn.Parameter:
+    """A Xavier-normal initialised [rows, cols] parameter."""
+    return nn.Parameter(nn.init.xavier_normal_(torch.empty(rows, cols)), requires_grad=learn)
+
+
+class ModalityGCN(nn.Module):
+    """The GCN of one modality: [user preference ; item features] -> [(U + I), d]."""
+
+    def __init__(
+        self, n_users: int, feature_size: int, latent_size: int | None, config: MMGCNConfig
+    ):
+        super().__init__()
+        d = config.embedding_size
+        self.project = None if latent_size is None else nn.Linear(feature_size, latent_size)
+        width = feature_size if latent_size is None else latent_size
+        self.preference = _weight(n_users, width, config.learn_embeddings)
+        widths = [width] + [d] * (config.n_layers - 1)  # input width of each layer
+        self.conv = nn.ParameterList(_weight(w, w) for w in widths)
+        self.linear = nn.ModuleList(nn.Linear(w, d) for w in widths)
+        self.combine = nn.ModuleList(nn.Linear(w + d, d) for w in widths)
+        for layer in [self.project, *self.linear, *self.combine]:
+            if layer is not None:
+                nn.init.xavier_normal_(layer.weight)
+
+    def forward(
+        self, features: torch.Tensor, id_embedding: torch.Tensor, adjacency: torch.Tensor
+    ) -> torch.Tensor:
+        """Node representations [(U + I), d] from item ``features`` [I, F]."""
+        items = features if self.project is None else self.project(features)
+        x = F.normalize(torch.cat([self.preference, items], dim=0))  # [U + I, w]
+        for conv, linear, combine in zip(self.conv, self.linear, self.combine, strict=True):
+            h = F.leaky_relu(torch.sparse.mm(adjacency, x @ conv))  # neighbourhood mean
+            x_hat = F.leaky_relu(linear(x)) + id_embedding  # the node itself
+            x = F.leaky_relu(combine(torch.cat([h, x_hat], dim=1)))
+        return x
+
+
+@register_recommender("mmgcn")
+class MMGCN(Recommender):
+    """score(u, i) = <r_u, r_i>, r the mean over modalities of each modality GCN's output."""
+
+    uses_features = True
+    config_class = MMGCNConfig
+
+    def __init__(self, data: InteractionData, features: ItemFeatures | None, config: MMGCNConfig):
+        super().__init__(data, features, config)
+        if features is None:
+            raise ValueError("mmgcn uses item features, but none were given")
+        self.register_buffer("adjacency", mean_adjacency(data), persistent=False)
+        self.id_embedding = _weight(
+            self.n_users + self.n_items, config.embedding_size, config.learn_embeddings
+        )
+        self.gcns = nn.ModuleDict()
+        for name, latent in (("image", config.image_latent_size), ("text", None)):
+            tensor = getattr(features, name)
+            if tensor is not None:
+                self.register_buffer(f"{name}_features", tensor.float(), persistent=False)
+                self.gcns[name] = ModalityGCN(self.n_users, tensor.shape[1], latent, config)
+        self._cache: torch.Tensor | None = None
+
+    def train(self, mode: bool = True) -> MMGCN:
+        """Switch mode and drop the representation cached for scoring (the weights may change)."""
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self) -> torch.Tensor:
+        """Representations of users then items, [(U + I), d]: the mean over modalities."""
+        reps = [
+            gcn(getattr(self, f"{name}_features"), self.id_embedding, self.adjacency)
+            for name, gcn in self.gcns.items()
+        ]
+        return torch.stack(reps).mean(dim=0)
+
+    def representation(self) -> torch.Tensor:
+        """``forward()``, computed once and cached while in eval mode."""
+        if self.training:
+            return self.forward()
+        if self._cache is None:
+            with torch.no_grad():
+                self._cache = self.forward()
+        return self._cache
+
+    def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """BPR loss + reg_weight * (batch ID embeddings' and preferences' mean squares)."""
+        out = self.forward()
+        pos, neg = pos + self.n_users, neg + self.n_users
+        u, p, n = out[users], out[pos], out[neg]  # [B, d] each
+        ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
+        ids = self.id_embedding
+        # MMRec: mean over the 2B (user, item) rows of u^2 + i^2, the user counted twice
+        reg = (2 * ids[users].pow(2).sum() + ids[pos].pow(2).sum() + ids[neg].pow(2).sum()) / (
+            2 * ids.shape[1] * len(users)
+        )
+        reg = reg + sum(gcn.preference.pow(2).mean() for gcn in self.gcns.values())
+        return ranking + self.config.reg_weight * reg
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """Inner products with every item's representation, [B, n_items]."""
+        out = self.representation()
+        return out[users] @ out[self.n_users :].T
