@@ -427,7 +427,19 @@ def train_recommender(
     checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Seed, build the registered recommender ``name`` and ``train`` it (what the stage runs);
-    ``checkpoint_path`` makes the run resumable (see ``train``)."""
-    seed_everything(cfg.seed)
-    model = get_recommender(name).build(data, features, model_config)
-    return train(model, data, cfg, out_dir, checkpoint_path)
+    ``checkpoint_path`` makes the run resumable (see ``train``).
+
+    Runs with torch's deterministic algorithms (warn-only where none exists): multithreaded
+    CPU gradient accumulation otherwise made LATTICE's metrics differ between identical runs.
+    """
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        seed_everything(cfg.seed)
+        model = get_recommender(name).build(data, features, model_config)
+        return train(model, data, cfg, out_dir, checkpoint_path)
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
