@@ -1,9 +1,12 @@
 """LightGCN and MMGCN: propagation against dense references, modalities, learning, caching."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from graphs import clustered as make_clustered
 
 from pipeline.interactions import InteractionData
 from pipeline.recommenders import ItemFeatures, get_recommender
@@ -15,16 +18,7 @@ from pipeline.sampling import epoch_batches
 N_GROUPS = 3
 
 
-def clustered(n_users=30, n_items=24, per_user=6, seed=0) -> InteractionData:
-    """User u likes only the items of group u % 3 (item i is in group i % 3)."""
-    rng = np.random.default_rng(seed)
-    users, items = [], []
-    for u in range(n_users):
-        group = np.flatnonzero(np.arange(n_items) % N_GROUPS == u % N_GROUPS)
-        users += [u] * per_user
-        items += rng.choice(group, per_user, replace=False).tolist()
-    splits = (["train"] * (per_user - 2) + ["valid", "test"]) * n_users
-    return InteractionData.from_arrays(users, items, splits, n_users, n_items)
+clustered = partial(make_clustered, n_users=30, n_items=24, per_user=6, n_groups=N_GROUPS)
 
 
 def features(data: InteractionData, image=True, text=True) -> ItemFeatures:

@@ -1,12 +1,14 @@
 """Recommenders, their registry and configs, the shared losses, sampling and data loading."""
 
 import math
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 import torch.nn.functional as F
+from graphs import clustered as make_clustered
 
 from pipeline.interactions import InteractionData, load_interactions
 from pipeline.losses import bpr_loss, l2_reg
@@ -21,18 +23,7 @@ from pipeline.recommenders.vbpr import VBPR, VBPRConfig
 from pipeline.sampling import epoch_batches, sample_negatives
 from pipeline.schemas import INTERACTIONS, write_table
 
-
-def clustered(n_users=60, n_items=48, n_groups=4, per_user=8, seed=0) -> InteractionData:
-    """Users like the items of their group: a graph with structure a model can learn."""
-    rng = np.random.default_rng(seed)
-    users, items, splits = [], [], []
-    for u in range(n_users):
-        group = np.flatnonzero(np.arange(n_items) % n_groups == u % n_groups)
-        chosen = rng.choice(group, per_user, replace=False)
-        users += [u] * per_user
-        items += chosen.tolist()
-        splits += ["train"] * (per_user - 2) + ["valid", "test"]
-    return InteractionData.from_arrays(users, items, splits, n_users, n_items)
+clustered = partial(make_clustered, n_users=60, n_items=48, per_user=8, n_groups=4)
 
 
 def group_features(data: InteractionData, n_groups=4, dim_text=3) -> ItemFeatures:

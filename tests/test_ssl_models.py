@@ -1,11 +1,12 @@
 """The self-supervised multimodal graph recommenders: MMGCL and SLMRec."""
 
-import numpy as np
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
+from graphs import clustered as make_clustered
 
-from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import ItemFeatures, get_recommender
 from pipeline.recommenders.mmgcl import MMGCL, info_nce, propagate, to_csr
@@ -33,16 +34,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def clustered(n_users=40, n_items=32, per_user=8, seed=0) -> InteractionData:
-    """Users like the items of their group (u % 4 == i % 4); 6 train, 1 valid, 1 test each."""
-    rng = np.random.default_rng(seed)
-    users, items, splits = [], [], []
-    for u in range(n_users):
-        group = np.flatnonzero(np.arange(n_items) % N_GROUPS == u % N_GROUPS)
-        users += [u] * per_user
-        items += rng.choice(group, per_user, replace=False).tolist()
-        splits += ["train"] * (per_user - 2) + ["valid", "test"]
-    return InteractionData.from_arrays(users, items, splits, n_users, n_items)
+clustered = partial(make_clustered, n_users=40, n_items=32, per_user=8, n_groups=N_GROUPS)
 
 
 def features(n_items, image=True, text=True) -> ItemFeatures:
