@@ -123,8 +123,8 @@ class Recommender(nn.Module, ABC):
     Subclasses set ``config_class`` (a frozen dataclass of hyperparameters) and
     ``uses_features``, take ``(data, features, config)`` in ``__init__``, and implement
     ``loss`` and ``score``. The trainer owns sampling, optimisation, masking and ranking.
-    Models that propagate over a graph may cache the propagated embeddings while
-    ``not self.training`` (the trainer calls ``eval()`` before scoring and ``train()`` before
+    Models that propagate over a graph derive from ``GraphRecommender``, which caches the
+    propagation for scoring (the trainer calls ``eval()`` before scoring and ``train()`` before
     each epoch).
     """
 
@@ -167,3 +167,44 @@ class Recommender(nn.Module, ABC):
     @abstractmethod
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """Scores of ``users`` [B] against every item, [B, n_items] (higher ranks first)."""
+
+
+class GraphRecommender(Recommender):
+    """A recommender whose embeddings come from one full-graph pass, ``forward()``.
+
+    Scoring uses ``propagated()``: in eval mode the pass runs once without gradients and is
+    reused until ``train()`` or ``load_state_dict()`` is called (the weights change then); in
+    train mode it reruns.
+    """
+
+    def __init__(self, data: InteractionData, features: ItemFeatures | None, config: Any):
+        super().__init__(data, features, config)
+        self._cache: Any = None
+        self.register_load_state_dict_post_hook(_forget_after_load)
+
+    def forget(self) -> None:
+        """Drop what was cached from the current weights (the next use recomputes it)."""
+        self._cache = None
+
+    def train(self, mode: bool = True) -> GraphRecommender:
+        """Switch mode and drop the propagation cached for scoring."""
+        self.forget()
+        return super().train(mode)
+
+    @abstractmethod
+    def forward(self) -> Any:
+        """The full-graph pass: the embeddings ``score`` reads."""
+
+    def propagated(self) -> Any:
+        """``forward()``, computed once and cached while in eval mode."""
+        if self.training:
+            return self.forward()
+        if self._cache is None:
+            with torch.no_grad():
+                self._cache = self.forward()
+        return self._cache
+
+
+def _forget_after_load(module: GraphRecommender, incompatible_keys: object) -> None:
+    """Loaded weights make whatever was cached from the old ones stale."""
+    module.forget()

@@ -34,18 +34,23 @@ applied: the trainer has none.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import knn_neighbours, normalized_adjacency, sym_normalize
+from pipeline.graph import (
+    constant_spmm,
+    knn_neighbours,
+    normalized_adjacency,
+    sym_normalize,
+    to_csr,
+)
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
+from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
 
 MODALITIES = ("image", "text")  # MMRec's order of the modality weights
 EDGE_CHUNK = 1 << 18  # edges whose gradients are computed at once (bounds the memory)
@@ -88,14 +93,6 @@ def cosine_values(vectors: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return (unit[index[0]] * unit[index[1]]).sum(dim=1)
 
 
-def to_csr(matrix: torch.Tensor) -> torch.Tensor:
-    """The sparse COO ``matrix`` in CSR layout, which multiplies several times faster on CPU
-    (torch's "CSR support is in beta" warning silenced)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return matrix.to_sparse_csr()
-
-
 class _EdgeSpMM(torch.autograd.Function):
     """``A @ x`` for the sparse [n, m] ``A`` given by a coalesced COO ``index`` [2, E] and
     ``values`` [E], differentiable in both ``values`` and ``x`` without the dense [n, m]
@@ -134,33 +131,8 @@ def edge_spmm(index: torch.Tensor, values: torch.Tensor, x: torch.Tensor, n: int
     return _EdgeSpMM.apply(index, values, x, n)
 
 
-class _ConstantSpMM(torch.autograd.Function):
-    """``matrix @ x`` for a constant sparse CSR ``matrix`` whose transpose is given: the
-    backward is one more CSR product (torch.sparse.mm would transpose a COO every step)."""
-
-    @staticmethod
-    def forward(ctx, matrix: torch.Tensor, transposed: torch.Tensor, x: torch.Tensor):
-        ctx.save_for_backward(transposed)
-        return matrix @ x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (transposed,) = ctx.saved_tensors
-        return None, None, transposed @ grad
-
-
-def constant_spmm(matrix: torch.Tensor, transposed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``matrix @ x`` (CSR ``matrix`` and its CSR transpose, both constant), differentiable in x."""
-    return _ConstantSpMM.apply(matrix, transposed, x)
-
-
-def _forget_after_load(module: LATTICE, incompatible_keys: object) -> None:
-    """Loaded weights make the cached graph and embeddings stale."""
-    module.forget()
-
-
 @register_recommender("lattice")
-class LATTICE(Recommender):
+class LATTICE(GraphRecommender):
     """LightGCN user/item embeddings; items add their ID embeddings convolved over a mixed
     fixed + learned multimodal kNN item graph."""
 
@@ -193,18 +165,11 @@ class LATTICE(Recommender):
         ui_graph = to_csr(normalized_adjacency(data))  # symmetric: its own transpose
         self.register_buffer("ui_graph", ui_graph, persistent=False)
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's, CSR + T
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None  # eval-mode embeddings
-        self.register_load_state_dict_post_hook(_forget_after_load)
 
     def forget(self) -> None:
         """Drop the cached item graph and embeddings (the next use rebuilds them)."""
         self._graph = None
-        self._cache = None
-
-    def train(self, mode: bool = True) -> LATTICE:
-        """Switch mode and start afresh: the next batch rebuilds the learned graph."""
-        self.forget()
-        return super().train(mode)
+        super().forget()
 
     def item_graph(self) -> torch.Tensor:
         """The item-item graph [N, N] from the current weights: sparse, at most
@@ -242,11 +207,11 @@ class LATTICE(Recommender):
             if transposed is None:
                 h = edge_spmm(graph.indices(), graph.values(), h, self.n_items)
             else:
-                h = constant_spmm(graph, transposed, h)
+                h = constant_spmm(graph, h, transposed)
         layer = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
         total = layer
         for _ in range(self.config.n_ui_layers):
-            layer = constant_spmm(self.ui_graph, self.ui_graph, layer)
+            layer = constant_spmm(self.ui_graph, layer)
             total = total + layer
         mean = total / (self.config.n_ui_layers + 1)
         users, items = mean.split([self.n_users, self.n_items])
@@ -266,12 +231,12 @@ class LATTICE(Recommender):
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
         return ranking + self.config.reg_weight * l2_reg(u, p, n, squared=True)
 
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """User and item embeddings through an item graph rebuilt from the current weights."""
+        return self.propagate(self.item_graph())
+
     @torch.no_grad()
     def score(self, users: torch.Tensor) -> torch.Tensor:
-        """Inner products with every item, [B, n_items]; the graph is rebuilt from the
-        current weights and, in eval mode, the embeddings cached until ``train()``."""
-        cache = self._cache if self._cache is not None else self.propagate(self.item_graph())
-        if not self.training:
-            self._cache = cache
-        user_emb, item_emb = cache
+        """Inner products with every item, [B, n_items] (cached in eval mode until ``train()``)."""
+        user_emb, item_emb = self.propagated()
         return user_emb[users] @ item_emb.T

@@ -21,7 +21,7 @@ from pipeline.graph import normalized_adjacency
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
+from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class LightGCNConfig(EmbeddingConfig):
 
 
 @register_recommender("lightgcn")
-class LightGCN(Recommender):
+class LightGCN(GraphRecommender):
     """e = mean_{l=0..L} Â^l e^(0) over users and items; score(u, i) = <e_u, e_i>."""
 
     uses_features = False
@@ -53,12 +53,6 @@ class LightGCN(Recommender):
         nn.init.xavier_uniform_(self.user_embedding)
         nn.init.xavier_uniform_(self.item_embedding)
         self.register_buffer("adjacency", normalized_adjacency(data), persistent=False)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def train(self, mode: bool = True) -> LightGCN:
-        """Switch mode and drop the embeddings cached for scoring (the weights may change)."""
-        self._cache = None
-        return super().train(mode)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Propagated (users [U, d], items [I, d]): the mean of the layer-0..L embeddings."""
@@ -69,15 +63,6 @@ class LightGCN(Recommender):
             total = total + layer
         final = total / (self.config.n_layers + 1)
         return final[: self.n_users], final[self.n_users :]
-
-    def propagated(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward()``, computed once and cached while in eval mode."""
-        if self.training:
-            return self.forward()
-        if self._cache is None:
-            with torch.no_grad():
-                self._cache = self.forward()
-        return self._cache
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR loss on propagated embeddings + reg_weight * EmbLoss on the layer-0 ones."""

@@ -29,56 +29,17 @@ both (the reference needs both). Propagated embeddings are cached while in eval 
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from pipeline.graph import normalized_adjacency, sym_normalize
+from pipeline.graph import propagate, sym_normalize, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
-
-MODALITIES = ("image", "text")
-
-
-class _SymmetricSpMM(torch.autograd.Function):
-    """A @ x for a constant symmetric sparse A, whose backward is A @ grad (no transpose)."""
-
-    @staticmethod
-    def forward(ctx, adjacency: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        ctx.adjacency = adjacency
-        return torch.sparse.mm(adjacency, x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return None, torch.sparse.mm(ctx.adjacency, grad)
-
-
-def to_csr(adjacency: torch.Tensor) -> torch.Tensor:
-    """The sparse matrix in CSR layout, which multiplies 2-4x faster than COO on CPU (torch's
-    "CSR support is in beta" warning silenced)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return adjacency.to_sparse_csr()
-
-
-def propagate(
-    adjacency: torch.Tensor, ego: torch.Tensor, n_layers: int, dropout: float = 0.0
-) -> torch.Tensor:
-    """LightGCN smoothing: the mean of ``ego`` [N, D] and its ``n_layers`` propagations by the
-    symmetric sparse ``adjacency`` [N, N]; ``dropout`` > 0 drops entries of every propagated
-    layer (SLMRec's feature dropout), the dropped layer feeding the next one."""
-    layer, total = ego, ego
-    for _ in range(n_layers):
-        layer = _SymmetricSpMM.apply(adjacency, layer)
-        if dropout > 0:
-            layer = F.dropout(layer, dropout, training=True)
-        total = total + layer
-    return total / (n_layers + 1)
+from pipeline.recommenders._channels import ChannelRecommender
+from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures
 
 
 def info_nce(
@@ -128,59 +89,24 @@ class MMGCLConfig(EmbeddingConfig):
 
 
 @register_recommender("mmgcl")
-class MMGCL(Recommender):
+class MMGCL(ChannelRecommender):
     """Per-modality LightGCN channels read out to one embedding; score = inner product."""
 
-    uses_features = True
     config_class = MMGCLConfig
 
-    def __init__(self, data: InteractionData, features: ItemFeatures | None, config: MMGCLConfig):
+    def __init__(self, data: InteractionData, features: ItemFeatures, config: MMGCLConfig):
         super().__init__(data, features, config)
-        if features is None:
-            raise ValueError("mmgcl uses item features, but none were given")
-        d = config.embedding_size
-        self.modalities = tuple(m for m in MODALITIES if getattr(features, m) is not None)
-        self.user_embedding = nn.Parameter(torch.empty(self.n_users, d))
-        self.item_embedding = nn.Parameter(torch.empty(self.n_items, d))
-        nn.init.xavier_uniform_(self.user_embedding)
-        nn.init.xavier_uniform_(self.item_embedding)
-        self.projections = nn.ModuleDict()
-        for name in self.modalities:
-            feats = F.normalize(getattr(features, name).float(), dim=1)
-            self.register_buffer(f"{name}_features", feats, persistent=False)
-            self.projections[name] = nn.Linear(feats.shape[1], d)
-        width = (1 + len(self.modalities)) * d  # ID channel + one per modality
-        self.read_user = nn.Linear(width, d)
-        self.read_item = nn.Linear(width, d)
-        for layer in (*self.projections.values(), self.read_user, self.read_item):
-            nn.init.xavier_uniform_(layer.weight)
-        adjacency = to_csr(normalized_adjacency(data))
-        self.register_buffer("adjacency", adjacency, persistent=False)
         self.register_buffer("edge_users", torch.from_numpy(data.train_users), persistent=False)
         self.register_buffer("edge_items", torch.from_numpy(data.train_items), persistent=False)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def n_channels(self) -> int:
-        """ID channel + one per present modality."""
-        return 1 + len(self.modalities)
-
-    def train(self, mode: bool = True) -> MMGCL:
-        """Switch mode and drop the embeddings cached for scoring (the weights may change)."""
-        self._cache = None
-        return super().train(mode)
 
     def _inputs(self, masked: str | None = None) -> torch.Tensor:
         """Layer-0 embeddings of all channels, [U + I, C * d]; the ``masked`` modality's item
         inputs are replaced by random embeddings of the same scale."""
-        items = [self.item_embedding]
-        for name in self.modalities:
-            x = self.projections[name](getattr(self, f"{name}_features"))  # [I, d]
+        items = self.item_channels()
+        for k, name in enumerate(self.modalities, start=1):
             if name == masked:
-                x = torch.randn_like(x) * x.detach().std()
-            items.append(x)
-        users = self.user_embedding.repeat(1, self.n_channels)
-        return torch.cat([users, torch.cat(items, dim=1)], dim=0)
+                items[k] = torch.randn_like(items[k]) * items[k].detach().std()
+        return self.stack(items)
 
     def _channels(
         self, adjacency: torch.Tensor, masked: str | None = None
@@ -190,22 +116,9 @@ class MMGCL(Recommender):
         out = out.view(-1, self.n_channels, self.config.embedding_size)
         return out[: self.n_users], out[self.n_users :]
 
-    def _read(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read-out of channel stacks [*, C, d] to final embeddings [*, d]."""
-        return self.read_user(users.flatten(1)), self.read_item(items.flatten(1))
-
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (users [U, d], items [I, d]) of the un-augmented graph."""
-        return self._read(*self._channels(self.adjacency))
-
-    def propagated(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward()``, computed once and cached while in eval mode."""
-        if self.training:
-            return self.forward()
-        if self._cache is None:
-            with torch.no_grad():
-                self._cache = self.forward()
-        return self._cache
+        return self.read(*self._channels(self.adjacency))
 
     def edge_dropped_adjacency(self) -> torch.Tensor:
         """The normalised train graph after dropping each edge with prob. ``dropout_rate``."""
@@ -237,7 +150,7 @@ class MMGCL(Recommender):
         """Final embeddings of ``users`` and ``items`` in the edge-dropout view and the
         modality-masking view: ((users [n, d], items [m, d]), (same for view 2))."""
         first, second = self._view_channels(users, items)
-        return self._read(*first), self._read(*second)
+        return self.read(*first), self.read(*second)
 
     def _swap_modality(self, channels: torch.Tensor) -> torch.Tensor | None:
         """Hard negatives [n, C, d]: each row with one random feature channel taken from
@@ -256,7 +169,7 @@ class MMGCL(Recommender):
         """InfoNCE between the two views, for the unique ``users`` plus the unique ``items``."""
         (u1, i1), (u2, i2) = self._view_channels(users.unique(), items.unique())
         total = torch.zeros((), device=u1.device)
-        for read, first, second in ((self.read_user, u1, u2), (self.read_item, i1, i2)):
+        for read, first, second in ((self.user_readout, u1, u2), (self.item_readout, i1, i2)):
             hard = self._swap_modality(second) if self.config.hard_negatives else None
             total = total + info_nce(
                 read(first.flatten(1)),
@@ -276,8 +189,3 @@ class MMGCL(Recommender):
         if self.config.ssl_weight > 0:
             total = total + self.config.ssl_weight * self.ssl_loss(users, pos)
         return total
-
-    def score(self, users: torch.Tensor) -> torch.Tensor:
-        """Inner products of the final embeddings with every item, [B, n_items]."""
-        user_all, item_all = self.propagated()
-        return user_all[users] @ item_all.T

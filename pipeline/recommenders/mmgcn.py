@@ -21,17 +21,17 @@ the representation is cached while in eval mode.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.graph import to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
+from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,7 @@ def mean_adjacency(data: InteractionData) -> torch.Tensor:
     n = data.n_users + data.n_items
     values = 1.0 / torch.bincount(index[0], minlength=n).float()[index[0]]
     coo = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
-    with warnings.catch_warnings():  # CSR is "beta"; its backward pass is faster than COO's
-        warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
-        return coo.to_sparse_csr()
+    return to_csr(coo)
 
 
 def _weight(rows: int, cols: int, learn: bool = True) -> nn.Parameter:
@@ -104,7 +102,7 @@ class ModalityGCN(nn.Module):
 
 
 @register_recommender("mmgcn")
-class MMGCN(Recommender):
+class MMGCN(GraphRecommender):
     """score(u, i) = <r_u, r_i>, r the mean over modalities of each modality GCN's output."""
 
     uses_features = True
@@ -124,12 +122,6 @@ class MMGCN(Recommender):
             if tensor is not None:
                 self.register_buffer(f"{name}_features", tensor.float(), persistent=False)
                 self.gcns[name] = ModalityGCN(self.n_users, tensor.shape[1], latent, config)
-        self._cache: torch.Tensor | None = None
-
-    def train(self, mode: bool = True) -> MMGCN:
-        """Switch mode and drop the representation cached for scoring (the weights may change)."""
-        self._cache = None
-        return super().train(mode)
 
     def forward(self) -> torch.Tensor:
         """Representations of users then items, [(U + I), d]: the mean over modalities."""
@@ -138,15 +130,6 @@ class MMGCN(Recommender):
             for name, gcn in self.gcns.items()
         ]
         return torch.stack(reps).mean(dim=0)
-
-    def representation(self) -> torch.Tensor:
-        """``forward()``, computed once and cached while in eval mode."""
-        if self.training:
-            return self.forward()
-        if self._cache is None:
-            with torch.no_grad():
-                self._cache = self.forward()
-        return self._cache
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR loss + reg_weight * (batch ID embeddings' and preferences' mean squares)."""
@@ -164,5 +147,5 @@ class MMGCN(Recommender):
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """Inner products with every item's representation, [B, n_items]."""
-        out = self.representation()
+        out = self.propagated()
         return out[users] @ out[self.n_users :].T

@@ -36,15 +36,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import normalized_adjacency
+from pipeline.graph import propagate
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
-from pipeline.recommenders.mmgcl import MODALITIES, info_nce, propagate, to_csr
+from pipeline.recommenders._channels import ChannelRecommender
+from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures
+from pipeline.recommenders.mmgcl import info_nce
 
 SSL_TASKS = ("fac", "fd", "fm", "fd+fm")
 MAIN_LOSSES = ("infonce", "bpr")
@@ -82,63 +82,31 @@ class SLMRecConfig(EmbeddingConfig):
 
 
 @register_recommender("slmrec")
-class SLMRec(Recommender):
+class SLMRec(ChannelRecommender):
     """Per-modality LightGCN channels read out to one embedding; score = inner product."""
 
-    uses_features = True
     config_class = SLMRecConfig
 
-    def __init__(self, data: InteractionData, features: ItemFeatures | None, config: SLMRecConfig):
+    def __init__(self, data: InteractionData, features: ItemFeatures, config: SLMRecConfig):
         super().__init__(data, features, config)
-        if features is None:
-            raise ValueError("slmrec uses item features, but none were given")
-        d = config.embedding_size
-        self.modalities = tuple(m for m in MODALITIES if getattr(features, m) is not None)
-        self.user_embedding = nn.Parameter(torch.empty(self.n_users, d))
-        self.item_embedding = nn.Parameter(torch.empty(self.n_items, d))
-        nn.init.xavier_uniform_(self.user_embedding)
-        nn.init.xavier_uniform_(self.item_embedding)
-        self.projections = nn.ModuleDict()
-        for name in self.modalities:
-            feats = F.normalize(getattr(features, name).float(), dim=1)
-            self.register_buffer(f"{name}_features", feats, persistent=False)
-            self.projections[name] = nn.Linear(feats.shape[1], d)
-        self.user_readout = nn.Linear(self.n_channels * d, d)
-        self.item_readout = nn.Linear(self.n_channels * d, d)
-        layers = [*self.projections.values(), self.user_readout, self.item_readout]
         if config.ssl_task == "fac":
             # step k: the chain so far -> width_k, against modality k's channel -> width_k
+            d = config.embedding_size
             widths = [d] + [max(1, d // 2)] * (len(self.modalities) - 1)
             self.fac_chain = nn.ModuleList(
                 nn.Linear(d if k == 0 else widths[k - 1], w) for k, w in enumerate(widths)
             )
             self.fac_modality = nn.ModuleList(nn.Linear(d, w) for w in widths)
-            layers += [*self.fac_chain, *self.fac_modality]
-        for layer in layers:
-            nn.init.xavier_uniform_(layer.weight)
-        adjacency = to_csr(normalized_adjacency(data))
-        self.register_buffer("adjacency", adjacency, persistent=False)
-        self._cache: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def n_channels(self) -> int:
-        """ID channel + one per present modality."""
-        return 1 + len(self.modalities)
-
-    def train(self, mode: bool = True) -> SLMRec:
-        """Switch mode and drop the embeddings cached for scoring (the weights may change)."""
-        self._cache = None
-        return super().train(mode)
+            for layer in (*self.fac_chain, *self.fac_modality):
+                nn.init.xavier_uniform_(layer.weight)
 
     def _inputs(self, masked: int | None = None) -> torch.Tensor:
         """Layer-0 embeddings of all channels, [U + I, C * d]; item inputs of channel
         ``masked`` (0 = ID, then the modalities in order) are zeroed."""
-        items = [self.item_embedding]
-        items += [self.projections[m](getattr(self, f"{m}_features")) for m in self.modalities]
+        items = self.item_channels()
         if masked is not None:
             items[masked] = torch.zeros_like(items[masked])
-        users = self.user_embedding.repeat(1, self.n_channels)
-        return torch.cat([users, torch.cat(items, dim=1)], dim=0)
+        return self.stack(items)
 
     def _channels(
         self, inputs: torch.Tensor, dropout: float = 0.0
@@ -149,22 +117,9 @@ class SLMRec(Recommender):
         out = out.view(out.shape[0], -1, self.config.embedding_size)
         return out[: self.n_users], out[self.n_users :]
 
-    def _read(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Read-out of channel stacks [*, C, d] to final embeddings [*, d]."""
-        return self.user_readout(users.flatten(1)), self.item_readout(items.flatten(1))
-
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (users [U, d], items [I, d]) of the un-augmented graph."""
-        return self._read(*self._channels(self._inputs()))
-
-    def propagated(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward()``, computed once and cached while in eval mode."""
-        if self.training:
-            return self.forward()
-        if self._cache is None:
-            with torch.no_grad():
-                self._cache = self.forward()
-        return self._cache
+        return self.read(*self._channels(self._inputs()))
 
     def fac_loss(self, item_channels: torch.Tensor) -> torch.Tensor:
         """Fine-and-coarse alignment of the items' channels [m, C, d]: the projected ID channel
@@ -192,8 +147,8 @@ class SLMRec(Recommender):
         inputs = torch.cat([self._inputs(m) for m in masks], dim=1)  # both views side by side
         user_ch, item_ch = self._channels(inputs, dropout)  # [*, 2C, d]
         c = self.n_channels
-        first = self._read(user_ch[users, :c], item_ch[items, :c])
-        second = self._read(user_ch[users, c:], item_ch[items, c:])
+        first = self.read(user_ch[users, :c], item_ch[items, :c])
+        second = self.read(user_ch[users, c:], item_ch[items, c:])
         return first, second
 
     def ssl_loss(
@@ -213,7 +168,7 @@ class SLMRec(Recommender):
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """Main loss (InfoNCE or BPR) + ssl_weight * SSL + reg_weight * EmbLoss (ID layer)."""
         user_ch, item_ch = self._channels(self._inputs())
-        user_all, item_all = self._read(user_ch, item_ch)
+        user_all, item_all = self.read(user_ch, item_ch)
         u, p = user_all[users], item_all[pos]  # [B, d]
         if self.config.main_loss == "infonce":
             main = info_nce(u, p, self.config.main_temp)
@@ -225,8 +180,3 @@ class SLMRec(Recommender):
         if self.config.ssl_weight > 0:
             total = total + self.config.ssl_weight * self.ssl_loss(users, pos, item_ch)
         return total
-
-    def score(self, users: torch.Tensor) -> torch.Tensor:
-        """Inner products of the final embeddings with every item, [B, n_items]."""
-        user_all, item_all = self.propagated()
-        return user_all[users] @ item_all.T

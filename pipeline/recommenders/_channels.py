@@ -1,0 +1,65 @@
+"""The skeleton MMGCL and SLMRec share: an ID channel plus one projected channel per modality,
+propagated together by LightGCN over the train graph and read out to one embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipeline.graph import normalized_adjacency, to_csr
+from pipeline.interactions import InteractionData
+from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+
+MODALITIES = ("image", "text")
+
+
+class ChannelRecommender(GraphRecommender):
+    """User/item ID embeddings [*, d], per-modality linear projections of the L2-normalised
+    features to d, the normalised train graph, and linear read-outs of the C = 1 + modalities
+    channels [*, C * d] -> [*, d]; score = inner product of the read-outs."""
+
+    uses_features = True
+
+    def __init__(self, data: InteractionData, features: ItemFeatures, config: EmbeddingConfig):
+        super().__init__(data, features, config)
+        d = config.embedding_size
+        self.modalities = tuple(m for m in MODALITIES if getattr(features, m) is not None)
+        self.user_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_users, d)))
+        self.item_embedding = nn.Parameter(nn.init.xavier_uniform_(torch.empty(self.n_items, d)))
+        self.projections = nn.ModuleDict()
+        for name in self.modalities:
+            feats = F.normalize(getattr(features, name).float(), dim=1)
+            self.register_buffer(f"{name}_features", feats, persistent=False)
+            self.projections[name] = nn.Linear(feats.shape[1], d)
+        self.user_readout = nn.Linear(self.n_channels * d, d)
+        self.item_readout = nn.Linear(self.n_channels * d, d)
+        for layer in (*self.projections.values(), self.user_readout, self.item_readout):
+            nn.init.xavier_uniform_(layer.weight)
+        self.register_buffer("adjacency", to_csr(normalized_adjacency(data)), persistent=False)
+
+    @property
+    def n_channels(self) -> int:
+        """ID channel + one per present modality."""
+        return 1 + len(self.modalities)
+
+    def item_channels(self) -> list[torch.Tensor]:
+        """Layer-0 item inputs per channel: the ID embeddings, then each modality's [I, d]."""
+        return [
+            self.item_embedding,
+            *(self.projections[m](getattr(self, f"{m}_features")) for m in self.modalities),
+        ]
+
+    def stack(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """Users' ID embedding repeated per channel over the item channels: [U + I, C * d]."""
+        users = self.user_embedding.repeat(1, self.n_channels)
+        return torch.cat([users, torch.cat(items, dim=1)], dim=0)
+
+    def read(self, users: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Read-out of channel stacks [*, C, d] to final embeddings [*, d]."""
+        return self.user_readout(users.flatten(1)), self.item_readout(items.flatten(1))
+
+    def score(self, users: torch.Tensor) -> torch.Tensor:
+        """Inner products of the read-out embeddings with every item, [B, n_items]."""
+        user_all, item_all = self.propagated()
+        return user_all[users] @ item_all.T
