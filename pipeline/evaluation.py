@@ -71,24 +71,28 @@ def _top_k_set_by_id(scores: torch.Tensor, threshold: torch.Tensor, k: int) -> t
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k highest scores per row, [B, k], best first; ties -> lower index first.
 
-    torch.topk picks k + 1 candidates; rows whose k-th and (k+1)-th scores are equal (ties
-    straddle the cut) are redone exactly (lowest ids win); the k winners are then ordered by
-    (score desc, id asc).
+    torch.topk picks k + 1 candidates, best first; rows whose k-th and (k+1)-th scores are
+    equal (ties straddle the cut) are redone exactly (lowest ids win), and only rows with a tie
+    among their k winners are reordered by (score desc, id asc): most rows need neither.
     """
     extra = int(k < scores.shape[1])  # one more place shows whether ties cross the cut
     values, index = torch.topk(scores, k + extra, dim=1)
     if torch.isnan(values[:, 0]).any():  # topk ranks NaN above every number
         raise ValueError("scores contain NaN: cannot rank")
-    threshold = values[:, k - 1 : k]  # [B, 1], the k-th best score
     index = index[:, :k]
+    redo = (values[:, 1:k] == values[:, : k - 1]).any(dim=1)  # a tie inside the top k
     if extra:
         straddle = values[:, k] == values[:, k - 1]
         if straddle.any():
             rows = straddle.nonzero()[:, 0]
-            index[rows] = _top_k_set_by_id(scores[rows], threshold[rows], k)
-    index = index.sort(dim=1).values  # ids ascending, so the stable sort below breaks ties
-    order = scores.gather(1, index).sort(dim=1, descending=True, stable=True).indices
-    return index.gather(1, order)
+            index[rows] = _top_k_set_by_id(scores[rows], values[rows, k - 1 : k], k)
+            redo |= straddle
+    if redo.any():
+        rows = redo.nonzero()[:, 0]
+        ids = index[rows].sort(dim=1).values  # ids ascending, so the stable sort breaks ties
+        order = scores[rows].gather(1, ids).sort(dim=1, descending=True, stable=True).indices
+        index[rows] = ids.gather(1, order)
+    return index
 
 
 def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, topk: Sequence[int]) -> dict:

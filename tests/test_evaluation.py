@@ -197,3 +197,12 @@ def test_random_baseline_is_fixed_per_user_and_seed():
     assert ((all_users >= 0) & (all_users < 1)).all()
     assert not torch.equal(random_scorer(data, seed=2)(torch.arange(12)), all_users)
     assert not torch.equal(all_users[0], all_users[1])
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_top_k_matches_a_full_sort_on_heavily_tied_scores(k):
+    gen = torch.Generator().manual_seed(k)
+    scores = torch.randint(0, 4, (300, 12), generator=gen).float()  # ties everywhere
+    scores[::7] = torch.randn(len(scores[::7]), 12, generator=gen)  # and rows with none
+    expected = [np.lexsort((np.arange(12), -row))[:k] for row in scores.numpy()]
+    assert top_k(scores, k).numpy().tolist() == np.array(expected).tolist()
