@@ -3,7 +3,8 @@
 Steps (MMRec: ``preprocessing/0rating2inter.ipynb``, ``1splitting.ipynb``,
 ``3feat-encoder.ipynb``): drop invalid and duplicate rows, repeat k-core filtering on users
 and items until stable, re-index from 0, split each user's shuffled interactions 8:1:1
-(fewer than 10: all but two to train, one valid, one test), build item text, verify images.
+(fewer than 10: all but two to train, one valid, one test), build item text, verify images,
+and keep Amazon's published image features of the items when the raw folder has the file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from pipeline.amazon import LineStats, iter_meta, iter_reviews
 from pipeline.atomic import write_json
+from pipeline.cnn_features import IMAGE_FEATURES_FILE, published_features_table
 from pipeline.datasets import IMAGES_DIR, DatasetInfo
 from pipeline.images import ImageStatus, load_images
 from pipeline.itemtext import item_text, item_title
@@ -218,8 +220,10 @@ def build_items(
 def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessConfig) -> dict:
     """Filter, re-index and split ``raw_dir``'s files into ``out_dir``; return the stats.
 
-    Writes interactions.parquet, items.parquet and stats.json, each atomically and only after
-    all of them have been built and validated, so a failure leaves earlier outputs untouched.
+    Writes interactions.parquet, items.parquet, image_features.parquet (Amazon's published CNN
+    vectors of the items that have one; no rows without the ``.b`` file) and stats.json, each
+    atomically and only after all of them have been built and validated, so a failure leaves
+    earlier outputs untouched.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     df, review_lines, invalid = read_reviews(raw_dir / info.reviews_file)
@@ -245,6 +249,9 @@ def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessC
     meta, meta_lines = read_item_meta(raw_dir / info.meta_file, set(asins))
     items, item_counts = build_items(raw_dir, asins, meta, cfg)
     items = validate(items, ITEMS, "items")
+    image_features, feature_counts = published_features_table(
+        asins, raw_dir / info.image_features_file
+    )
 
     n_users, n_items = int(df["user_id"].max()) + 1, len(asins)
     stats = {
@@ -263,6 +270,7 @@ def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessC
         "kcore_dropped_interactions": before["rows"] - df.height,
         "kcore_rounds": rounds,
         **item_counts,
+        **feature_counts,
         "core": cfg.core,
         "seed": cfg.seed,
         "image_size": cfg.image_size,
@@ -273,6 +281,9 @@ def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessC
 
     write_table(interactions, out_dir / INTERACTIONS_FILE, INTERACTIONS, "interactions")
     write_table(items, out_dir / ITEMS_FILE, ITEMS, "items")
+    write_table(
+        image_features, out_dir / IMAGE_FEATURES_FILE, image_features.schema, "image_features"
+    )
     write_json(out_dir / STATS_FILE, stats)
     log.info(
         "%s: %d users, %d items, %d interactions (density %.5f)",

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pipeline.cnn_features import IMAGE_FEATURES_FILE, published_image_features
 from pipeline.datasets import DatasetInfo
 from pipeline.images import ImageStatus, load_image, placeholder_jpeg
 from pipeline.itemtext import item_text
@@ -176,6 +178,16 @@ def test_counts_and_stats(processed):
     assert stats["missing_images"] == 1 and stats["corrupt_images"] == 2
     assert stats["kcore_rounds"] == 4
     assert stats["core"] == 5 and stats["seed"] == 2022
+
+
+def test_no_features_file_gives_an_empty_image_features_table(processed):
+    _, out, stats = processed
+    assert stats["image_features_file"] is False and stats["image_features_found"] == 0
+    table = pq.read_table(out / IMAGE_FEATURES_FILE)
+    assert table.num_rows == 0 and table.column_names == ["item_id", "image"]
+    assert table.schema.metadata[b"source_exists"] == b"false"
+    assert table.schema.metadata[b"items"] == b"20"
+    assert published_image_features(out / IMAGE_FEATURES_FILE, range(20)) is None
 
 
 def test_ids_are_contiguous_and_sorted_by_original_id(processed):

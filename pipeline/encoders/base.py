@@ -1,6 +1,7 @@
 """The small interface every item encoder family implements, and its weights-folder format.
 
-A weights folder (what the ``weights`` and ``finetune`` stages write, e.g. models/weights/clip/)
+A weights folder (what the ``weights`` and ``finetune`` stages write, e.g.
+models/weights/clip-pretrained/)
 holds ``model.safetensors`` (the state dict) and ``weights.json``, a card naming the family
 (``encoder``), the architecture (``arch``), the weights tag (``pretrained``), the state file's
 ``sha256``, how the weights were made (``source``) and the preprocessing that travels with them.
@@ -40,15 +41,24 @@ class Encoder(nn.Module, ABC):
     Subclasses live one per file in ``pipeline/encoders/`` behind ``@register_encoder(name)``,
     which sets ``name``. ``arch``, ``pretrained`` and ``source`` are recorded on the card;
     ``weights_sha256`` is the hash of the weights folder the encoder was loaded from or saved
-    to (None for weights that exist only in memory).
+    to (None for weights that exist only in memory). ``image_size``, ``mean`` and ``std`` are
+    the square input size and the per-channel normalisation that image-text training applies
+    to uint8 pixels (``image_transform`` does the same for one PIL image).
+
+    Families that can be trained on image-text pairs (pretraining, fine-tuning, end to end)
+    implement ``pair_losses``; families with hub weights implement ``pin``.
     """
 
     name: ClassVar[str] = ""
+    aligned: ClassVar[bool] = True  # image and text embeddings live in one space (comparable)
     image_dim: int
     text_dim: int
     arch: str
     pretrained: str
     source: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
     weights_sha256: str | None = None
 
     @property
@@ -82,6 +92,23 @@ class Encoder(nn.Module, ABC):
     def tiny(cls) -> Encoder:
         """A small randomly initialised instance, offline: the registry's smoke tests use it."""
 
+    @classmethod
+    def from_arch(cls, arch: str) -> Encoder:
+        """``arch`` randomly initialised, offline (seed torch first for a reproducible init)."""
+        raise NotImplementedError(f"encoder {cls.name!r} cannot be built from an arch alone")
+
+    @classmethod
+    def pin(cls, arch: str, pretrained: str, out_dir: str | Path) -> dict:
+        """Fetch published weights ``arch``/``pretrained`` once into a weights folder; the card."""
+        raise NotImplementedError(f"encoder {cls.name!r} has no published weights to pin")
+
+    def pair_losses(self, images: torch.Tensor, tokens: Tokens) -> dict[str, torch.Tensor]:
+        """The family's image-text objective on B matched pairs: named scalar losses (summed).
+
+        ``images`` are preprocessed [B, 3, image_size, image_size]; row i matches text i.
+        """
+        raise NotImplementedError(f"encoder {self.name!r} has no image-text training objective")
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters fine-tuning updates (default: all that require grad)."""
         return [p for p in self.parameters() if p.requires_grad]
@@ -112,6 +139,13 @@ def to_device(tokens: Tokens, device: torch.device) -> Tokens:
     if isinstance(tokens, torch.Tensor):
         return tokens.to(device)
     return {k: v.to(device) for k, v in tokens.items()}
+
+
+def select_tokens(tokens: Tokens, index: torch.Tensor) -> Tokens:
+    """Rows ``index`` of a token batch (a tensor or a dict of tensors)."""
+    if isinstance(tokens, torch.Tensor):
+        return tokens[index]
+    return {k: v[index] for k, v in tokens.items()}
 
 
 def file_sha256(path: Path) -> str:
