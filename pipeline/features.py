@@ -48,7 +48,8 @@ class ExtractConfig:
     """How item features are computed."""
 
     batch_size: int = 128  # items per forward pass
-    num_workers: int = 2  # DataLoader processes decoding JPEGs (0: decode in the main process)
+    num_workers: int = 0  # DataLoader processes decoding JPEGs (0: in the main process; on CPU
+    # decoding is a small share and workers only compete with the model for the cores)
     normalize: bool = True  # L2-normalise every vector (inner product = cosine)
     device: str = "auto"  # auto | cpu | cuda | cuda:<n>
 
@@ -65,16 +66,19 @@ class FeatureSet:
 
 
 class _JpegDataset(Dataset):
-    """Decodes JPEG bytes and applies the encoder's image transform (runs in worker processes)."""
+    """Decodes JPEG bytes and applies the encoder's image transform (runs in worker processes).
 
-    def __init__(self, blobs: Sequence[bytes], transform) -> None:
+    Reads each blob from the Arrow column when asked, so the JPEGs are never copied into
+    Python objects all at once (a second copy of the catalogue's images)."""
+
+    def __init__(self, blobs: pa.ChunkedArray, transform) -> None:
         self.blobs, self.transform = blobs, transform
 
     def __len__(self) -> int:
         return len(self.blobs)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(io.BytesIO(self.blobs[i])) as img:
+        with Image.open(io.BytesIO(self.blobs[i].as_py())) as img:
             return self.transform(img.convert("RGB"))
 
 
@@ -84,14 +88,16 @@ def _autocast(device: torch.device):
 
 
 def _finish(batches: list[torch.Tensor], normalize: bool) -> np.ndarray:
-    out = torch.cat(batches).float()
-    if normalize:
-        out = F.normalize(out, dim=-1)
-    return out.numpy()
+    return finish(torch.cat(batches).float(), normalize)
+
+
+def finish(vectors: torch.Tensor, normalize: bool) -> np.ndarray:
+    """Float32 vectors [N, D] as numpy, L2-normalised when ``normalize``."""
+    return (F.normalize(vectors, dim=-1) if normalize else vectors).numpy()
 
 
 def _extract_images(
-    encoder: Encoder, blobs: Sequence[bytes], cfg: ExtractConfig, device: torch.device
+    encoder: Encoder, blobs: pa.ChunkedArray, cfg: ExtractConfig, device: torch.device
 ) -> np.ndarray:
     loader = DataLoader(
         _JpegDataset(blobs, encoder.image_transform),
@@ -129,12 +135,14 @@ def _extract_texts(
 
 
 def extract_features(
-    encoder: Encoder, items: pa.Table, cfg: ExtractConfig = ExtractConfig()
-) -> tuple[np.ndarray, np.ndarray]:
+    encoder: Encoder, items: pa.Table, cfg: ExtractConfig = ExtractConfig(), images: bool = True
+) -> tuple[np.ndarray | None, np.ndarray]:
     """Encode every item's ``image_bytes`` and ``text``: image [N, D_i], text [N, D_t] float32.
 
     Rows follow ``items``' order. The encoder is moved to ``cfg.device`` and run in eval mode
-    under ``torch.inference_mode``; its train/eval mode is restored afterwards.
+    under ``torch.inference_mode``; its train/eval mode is restored afterwards. With
+    ``images=False`` only texts are encoded and the image result is None (for image features
+    that come from elsewhere, such as Amazon's published CNN features).
     """
     if cfg.batch_size < 1 or cfg.num_workers < 0:
         raise ValueError(f"bad extract config {cfg}: need batch_size >= 1, num_workers >= 0")
@@ -147,7 +155,9 @@ def extract_features(
     start = time.perf_counter()
     try:
         with torch.inference_mode():
-            image = _extract_images(encoder, items.column("image_bytes").to_pylist(), cfg, device)
+            image = None
+            if images:
+                image = _extract_images(encoder, items.column("image_bytes"), cfg, device)
             text = _extract_texts(encoder, items.column("text").to_pylist(), cfg, device)
     finally:
         encoder.train(was_training)
@@ -167,6 +177,7 @@ def feature_metadata(encoder: Encoder, items: pa.Table, cfg: ExtractConfig) -> d
         "pretrained": encoder.pretrained,
         "weights_sha256": encoder.weights_sha256,
         "normalized": cfg.normalize,
+        "aligned": encoder.aligned,
         "n_items": len(items),
         "n_with_image": int(pc.sum(items.column("has_image")).as_py() or 0),
     }

@@ -18,8 +18,9 @@ from stages.params import DEFAULT_PARAMS, load_params
 
 app = typer.Typer(
     help="lmmrec: large multi-modal encoders for recommendation, as a DVC pipeline.\n\n"
-    "Stage commands (download, preprocess, weights, extract, train, report) are what dvc.yaml "
-    "runs; normally you run `dvc repro` instead. Inspection: `features show`, `stats`.",
+    "Stage commands (download, preprocess, weights, finetune, extract, train, report) are what "
+    "dvc.yaml runs; normally you run `dvc repro` instead. Inspection: `features show`, "
+    "`features neighbours`, `features compare`, `recommend`, `stats`.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
@@ -38,6 +39,7 @@ def _setup(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 
 @contextmanager
@@ -73,27 +75,53 @@ def preprocess(
 
 
 @app.command()
-def weights(out: Out, params: Params = DEFAULT_PARAMS) -> None:
-    """Make (demo: pretrain on the synthetic corpus) or pin (hub) the encoder's weights."""
+def weights(
+    out: Out,
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="Encoder family (default: params' `encoder`; cnn_st: the baseline)."),
+    ] = None,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Make (demo: pretrain on the synthetic corpus) or pin (published) an encoder's weights."""
     from stages import weights as stage
 
     with _user_errors():
-        stage.run(load_params(params), out)
+        stage.run(load_params(params), out, encoder)
+
+
+@app.command()
+def finetune(
+    items: Annotated[Path, typer.Option(help="Processed items.parquet (images and texts).")],
+    weights: Annotated[Path, typer.Option(help="Pretrained weights folder (weights stage).")],
+    out: Out,
+    metrics: Annotated[Path, typer.Option(help="JSON: held-out retrieval before and after.")],
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Fine-tune the LMM on the dataset's item image-text pairs with its own objective."""
+    from stages import finetune as stage
+
+    with _user_errors():
+        stage.run(load_params(params), items, weights, out, metrics)
 
 
 @app.command()
 def extract(
-    feature_set: Annotated[str, typer.Option(help="Feature set, e.g. clip-pretrained.")],
+    feature_set: Annotated[str, typer.Option(help="cnn_st, <lmm>-pretrained or <lmm>-finetuned.")],
     items: Annotated[Path, typer.Option(help="Processed items.parquet.")],
-    weights: Annotated[Path, typer.Option(help="Encoder weights folder (weights stage).")],
+    weights: Annotated[Path, typer.Option(help="The feature set's encoder weights folder.")],
     out: Out,
+    published: Annotated[
+        Path | None,
+        typer.Option(help="Preprocess's image_features.parquet (cnn_st: Amazon's CNN vectors)."),
+    ] = None,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
     """Encode every item's image and text: items.parquet + image.faiss + text.faiss."""
     from stages import extract as stage
 
     with _user_errors():
-        stage.run(load_params(params), feature_set, items, weights, out)
+        stage.run(load_params(params), feature_set, items, weights, out, published)
 
 
 @app.command()
@@ -189,6 +217,131 @@ def features_show(
     for key, value in sorted(store.metadata.items()):
         typer.echo(f"  {key}: {value}")
     typer.echo(frame.head(rows))
+
+
+def _folders(path: Path) -> list[str]:
+    """The visible sub-folders of ``path`` (none if it does not exist), sorted."""
+    if not path.is_dir():
+        return []
+    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@features_app.command("neighbours")
+def features_neighbours(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. demo.")],
+    feature_set: Annotated[str, typer.Argument(help="Feature set, e.g. clip-pretrained.")],
+    item: Annotated[int, typer.Argument(help="Item id, as in data/processed/<dataset>/.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Neighbours per modality.")] = 10,
+    root: Annotated[
+        Path, typer.Option(help="Project root: features/ and data/processed/ live under it.")
+    ] = Path("."),
+) -> None:
+    """An item's title, then its nearest items by image and by text (FAISS), with titles."""
+    import pyarrow.parquet as pq
+
+    from pipeline.features import ITEMS_FILE, MODALITIES, nearest_items
+
+    store = root / "features" / dataset
+    folder = store / feature_set
+    items_file = root / "data" / "processed" / dataset / "items.parquet"
+    with _user_errors():
+        if not store.is_dir():
+            datasets = _folders(root / "features")
+            raise FileNotFoundError(
+                f"unknown dataset {dataset!r}: {root / 'features'} has {datasets}"
+            )
+        if not (folder / ITEMS_FILE).is_file():
+            sets = _folders(store)
+            raise FileNotFoundError(f"unknown feature set {feature_set!r}: {store} has {sets}")
+        if k < 1:
+            raise ValueError(f"k = {k}; use k >= 1")
+        ids = pq.read_table(folder / ITEMS_FILE, columns=["item_id"]).column("item_id").to_numpy()
+        if item not in set(ids.tolist()):
+            raise ValueError(
+                f"item {item} is not in {folder}: it holds {len(ids)} items, "
+                f"ids {ids.min()}..{ids.max()}"
+            )
+        if not items_file.is_file():
+            raise FileNotFoundError(f"{items_file} not found (titles): run `dvc repro preprocess`")
+        table = pq.read_table(items_file, columns=["item_id", "title"])
+        titles = dict(
+            zip(*(table.column(c).to_pylist() for c in ("item_id", "title")), strict=True)
+        )
+        normalized = (pq.read_schema(folder / ITEMS_FILE).metadata or {}).get(b"normalized")
+        score = "cosine" if normalized == b"true" else "inner product"
+        found = {m: nearest_items(folder, item, m, k) for m in MODALITIES}
+    typer.echo(f"{folder}, item {item}: {titles.get(item, '?')}")
+    for modality, (near, scores) in found.items():
+        typer.echo(f"nearest by {modality} ({score}):")
+        for rank, (other, value) in enumerate(zip(near.tolist(), scores.tolist(), strict=True), 1):
+            typer.echo(f"  {rank:>3}. {other:>7}  {value:8.4f}  {titles.get(other, '?')}")
+
+
+@features_app.command("compare")
+def features_compare(
+    dataset: Annotated[str, typer.Argument(help="Dataset name, e.g. demo.")],
+    feature_sets: Annotated[
+        list[str] | None,
+        typer.Argument(help="Feature sets to compare (default: every one of the dataset)."),
+    ] = None,
+    root: Annotated[Path, typer.Option(help="Project root: features/ lives under it.")] = Path("."),
+) -> None:
+    """Image-text alignment per feature set: matched vs mismatched cosine, retrieval recall."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.alignment import alignment, separate_spaces
+    from pipeline.features import ITEMS_FILE, read_feature_store
+
+    store = root / "features" / dataset
+    rows = []
+    with _user_errors():
+        if not store.is_dir():
+            datasets = _folders(root / "features")
+            raise FileNotFoundError(
+                f"unknown dataset {dataset!r}: {root / 'features'} has {datasets}"
+            )
+        existing = _folders(store)
+        unknown = [name for name in feature_sets or [] if name not in existing]
+        if unknown:
+            raise FileNotFoundError(f"unknown feature sets {unknown}: {store} has {existing}")
+        if not (feature_sets or existing):
+            raise FileNotFoundError(f"{store} holds no feature sets: run `dvc repro extract`")
+        for name in feature_sets or existing:
+            path = store / name / ITEMS_FILE
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist (has the extract stage run?)")
+            raw = pq.read_schema(path).metadata or {}
+            meta = {
+                k.decode(): json.loads(v) for k, v in raw.items() if not k.startswith(b"ARROW:")
+            }
+            why = separate_spaces(meta, meta.get("image_dim"), meta.get("text_dim"))
+            if why:
+                rows.append((name, pq.read_metadata(path).num_rows, why))
+            else:
+                features = read_feature_store(store / name)
+                rows.append(
+                    (name, len(features.item_ids), alignment(features.image, features.text))
+                )
+    typer.echo(
+        f"{store}: image-text alignment. cos = mean cosine similarity of matched pairs "
+        "(image_i, text_i) and of all mismatched pairs (image_i, text_j), i != j; "
+        "R@k = retrieval of the paired item among all items (i2t: image -> text)."
+    )
+    columns = ("matched", "mismatched", "gap", "i2t R@1", "i2t R@10", "t2i R@1", "t2i R@10")
+    keys = ("matched_cos", "mismatched_cos", "gap", "i2t_r1", "i2t_r10", "t2i_r1", "t2i_r10")
+    width = max(len("feature set"), *(len(name) for name, _, _ in rows))
+    typer.echo(f"{'feature set':<{width}}  {'items':>6}" + "".join(f"  {c:>10}" for c in columns))
+    for name, n, result in rows:
+        cells = (
+            f"  n/a (separate spaces: {result})"
+            if isinstance(result, str)
+            else "".join(f"  {result[key]:>10.4f}" for key in keys)
+        )
+        typer.echo(f"{name:<{width}}  {n:>6}{cells}")
+    for n in sorted({n for _, n, result in rows if not isinstance(result, str)}):
+        typer.echo(f"chance with {n} items: R@1 = {1 / n:.4f}, R@10 = {min(10, n) / n:.4f}")
 
 
 if __name__ == "__main__":

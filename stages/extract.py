@@ -1,4 +1,9 @@
-"""extract stage: encode every item's image and text into the Parquet + FAISS feature store."""
+"""extract stage: encode every item's image and text into the Parquet + FAISS feature store.
+
+The feature set's name must match the weights it is made from (``cnn_st`` from the baseline's
+weights, ``<lmm>-pretrained`` / ``<lmm>-finetuned`` from the LMM's), so a mislabelled set can
+never reach the recommenders. The stage reads no encoder param: the weights card says it all.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +11,65 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.encoders import list_encoders, load_encoder
+import torch
+
+from pipeline.cnn_features import published_image_features
+from pipeline.encoders import load_encoder, read_card
 from pipeline.features import (
     ExtractConfig,
     extract_features,
     feature_metadata,
+    finish,
     write_feature_store,
 )
 from pipeline.schemas import ITEMS, read_table
-from stages.params import ParamsError, build, require
+from stages.params import ParamsError, build
 
 log = logging.getLogger(__name__)
 
+BASELINE = "cnn_st"
 
-def run(params: dict[str, Any], feature_set: str, items: Path, weights: Path, out: Path) -> None:
-    """Encode the items in ``items`` with the weights in ``weights``; write ``out``."""
-    encoder_name = require(params, "encoder", list_encoders())
-    allowed = [f"{encoder_name}-pretrained"]
-    if feature_set not in allowed:
-        raise ParamsError(f"feature set {feature_set!r} is not known; allowed: {allowed}")
+
+def feature_set_of(card: dict) -> str:
+    """The feature set a weights folder makes: cnn_st, <lmm>-pretrained or <lmm>-finetuned."""
+    if card["encoder"] == BASELINE:
+        return BASELINE
+    stage = "finetuned" if "+finetuned:" in card["pretrained"] else "pretrained"
+    return f"{card['encoder']}-{stage}"
+
+
+def run(
+    params: dict[str, Any],
+    feature_set: str,
+    items: Path,
+    weights: Path,
+    out: Path,
+    published: Path | None = None,
+) -> None:
+    """Encode the items in ``items`` with the weights in ``weights``; write ``out``.
+
+    For ``cnn_st``, the image features are Amazon's published CNN vectors when ``published``
+    (preprocess's image_features.parquet) has any, mean-filled for the items without one.
+    """
+    expected = feature_set_of(read_card(weights))
+    if feature_set != expected:
+        raise ParamsError(
+            f"feature set {feature_set!r} cannot be made from {weights}, which holds the "
+            f"weights of feature set {expected!r}"
+        )
     cfg = build(ExtractConfig, params.get("extract"), "extract")
     encoder = load_encoder(weights)
     table = read_table(items, ITEMS, "items")
-    image, text = extract_features(encoder, table, cfg)
+    item_ids = table.column("item_id").to_numpy()
     metadata = {**feature_metadata(encoder, table, cfg), "feature_set": feature_set}
-    write_feature_store(out, table.column("item_id").to_numpy(), image, text, metadata)
+    given = None
+    if feature_set == BASELINE and published is not None:
+        given = published_image_features(published, item_ids)
+    image, text = extract_features(encoder, table, cfg, images=given is None)
+    if given is not None:
+        vectors, found = given
+        image = finish(torch.from_numpy(vectors), cfg.normalize)
+        metadata.update(image_source="amazon published CNN features (.b), mean-filled",
+                        n_image_features_found=int(found.sum()))  # fmt: skip
+    write_feature_store(out, item_ids, image, text, metadata)
     log.info("extract %s: %d items -> %s", feature_set, table.num_rows, out)

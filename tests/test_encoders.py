@@ -17,12 +17,12 @@ from pipeline.encoders import (
 )
 from pipeline.encoders.base import STATE_FILE, WEIGHTS_CARD, WeightsError, read_card
 from pipeline.encoders.clip import DEMO_ARCH, ClipEncoder, pin_open_clip_weights
-from pipeline.encoders.pretrain import (
-    PretrainConfig,
-    _augment,
+from pipeline.encoders.pairtrain import (
+    PairTrainConfig,
+    augment,
     embed_pairs,
-    pretrain_clip,
     retrieval_recall,
+    train_pairs,
 )
 
 MICRO_ARCH = "lmmrec-test-micro"  # a CLIP small enough to train in a test
@@ -184,30 +184,42 @@ def test_retrieval_recall_counts_rank_of_true_pair():
 
 def test_augment_is_identity_without_crop_or_flip():
     x = torch.randn(4, 3, 16, 16)
-    cfg = PretrainConfig(min_crop_scale=1.0, hflip=False)
-    out = _augment(x, cfg, torch.Generator().manual_seed(0))
+    cfg = PairTrainConfig(min_crop_scale=1.0, hflip=False)
+    out = augment(x, cfg, torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)
-    flipped = _augment(x, PretrainConfig(min_crop_scale=0.5), torch.Generator().manual_seed(0))
+    flipped = augment(x, PairTrainConfig(min_crop_scale=0.5), torch.Generator().manual_seed(0))
     assert flipped.shape == x.shape and not torch.allclose(flipped, x)
 
 
-def test_pretrain_rejects_bad_input(micro_arch):
+def test_pair_training_rejects_bad_input(micro_arch):
     images, captions, _ = coloured_squares(8)
-    with pytest.raises(ValueError, match="8 images but 7 captions"):
-        pretrain_clip(micro_arch, images, captions[:7], PretrainConfig(holdout_pairs=0))
+    encoder = ClipEncoder.from_arch(micro_arch)
+    with pytest.raises(ValueError, match="8 images but 7 texts"):
+        train_pairs(encoder, images, captions[:7], PairTrainConfig(holdout=0))
     with pytest.raises(ValueError, match="epochs >= 1"):
-        pretrain_clip(micro_arch, images, captions, PretrainConfig(epochs=0, holdout_pairs=0))
-    with pytest.raises(ValueError, match="holdout_pairs=7"):
-        pretrain_clip(micro_arch, images, captions, PretrainConfig(holdout_pairs=7))
+        train_pairs(encoder, images, captions, PairTrainConfig(epochs=0, holdout=0))
+    with pytest.raises(ValueError, match="holdout=0.9 of 8 pairs"):
+        train_pairs(encoder, images, captions, PairTrainConfig(holdout=0.9))
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        train_pairs(encoder, images, captions, PairTrainConfig(precision="fp8"))
+    with pytest.raises(ValueError, match="patience=2 needs held-out pairs"):
+        train_pairs(encoder, images, captions, PairTrainConfig(holdout=0, patience=2))
 
 
-def test_pretraining_learns_colours_and_is_seeded(micro_arch):
+def _trained(micro_arch, cfg):
     images, captions, labels = coloured_squares(64)
-    cfg = PretrainConfig(epochs=8, batch_size=16, lr=2e-3, warmup_steps=4, holdout_pairs=16)
-    encoder, history = pretrain_clip(micro_arch, images, captions, cfg)
+    torch.manual_seed(0)
+    encoder = ClipEncoder.from_arch(micro_arch)
+    return encoder, train_pairs(encoder, images, captions, cfg), images, labels
+
+
+def test_pair_training_learns_colours_and_is_seeded(micro_arch):
+    cfg = PairTrainConfig(epochs=8, batch_size=16, lr=2e-3, warmup_steps=4, holdout=0.25)
+    encoder, history, images, labels = _trained(micro_arch, cfg)
     assert len(history["loss"]) == 8 and history["loss"][-1] < 0.8 * history["loss"][0]
-    assert encoder.pretrained == "demo" and "48 pairs, 8 epochs" in encoder.source
-    assert not encoder.training
+    assert history["loss_itc"] == history["loss"]  # CLIP's objective is ITC alone
+    assert len(history["valid_i2t_r10"]) == 9  # before training, then after each epoch
+    assert not encoder.training and encoder.device.type == "cpu"
 
     # image -> caption: the top caption names the square's colour far above chance (1/8)
     pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images])
@@ -217,5 +229,31 @@ def test_pretraining_learns_colours_and_is_seeded(micro_arch):
     accuracy = np.mean([p == t for p, t in zip(predicted, labels, strict=True)])
     assert accuracy >= 0.5, f"colour accuracy {accuracy:.2f}"
 
-    again, history_again = pretrain_clip(micro_arch, images, captions, cfg)
-    assert history_again["loss"] == history["loss"]
+    _, again, _, _ = _trained(micro_arch, cfg)
+    assert again["loss"] == history["loss"]
+
+
+def test_gradient_accumulation_and_early_stopping(micro_arch):
+    cfg = PairTrainConfig(
+        epochs=6, batch_size=8, grad_accum=2, lr=2e-3, warmup_steps=2, holdout=0.25, patience=1
+    )
+    encoder, history, _, _ = _trained(micro_arch, cfg)
+    steps = len(history["loss"])
+    assert 1 <= steps <= 6 and len(history["valid_i2t_r10"]) == steps + 1
+    best = history["best_epoch"][0]
+    scores = history["valid_i2t_r10"]
+    assert scores[best] == max(scores[: steps + 1])  # the kept epoch is the best one seen
+    if steps < 6:
+        assert steps - best == 1  # stopped after one epoch without gain
+
+
+def test_clip_pair_loss_caps_the_temperature(micro_arch):
+    torch.manual_seed(0)
+    encoder = ClipEncoder.from_arch(micro_arch)
+    images, captions, _ = coloured_squares(4)
+    x = torch.stack([encoder.image_transform(im) for im in images])
+    with torch.no_grad():
+        encoder.logit_scale.fill_(10.0)  # e^10 would be far past CLIP's cap of 100
+    loss = encoder.pair_losses(x, encoder.tokenize(captions))["itc"]
+    loss.backward()
+    assert torch.isfinite(loss) and encoder.logit_scale.grad.item() == 0.0

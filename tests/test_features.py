@@ -188,6 +188,12 @@ def test_real_vit_b16_architecture_gives_512d_features():
     torch.manual_seed(0)
     encoder = ClipEncoder.from_arch("ViT-B-16")  # random init: no download
     assert encoder.image_size == 224 and encoder.context_length == 77
+    assert encoder.model.visual.conv1.kernel_size == (16, 16)  # the paper's patch size
+    assert 149e6 < sum(p.numel() for p in encoder.parameters()) < 150e6  # ViT-B/16 CLIP: 149.6M
     image, text = extract_features(encoder, make_items(3), ExtractConfig(3, 0, device="cpu"))
     assert image.shape == (3, 512) and text.shape == (3, 512)
+    assert image.dtype == text.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
+    for vectors in (image, text):  # three different colours and texts: three different vectors
+        assert np.abs(vectors[:, None] - vectors[None]).sum(-1)[~np.eye(3, dtype=bool)].min() > 1e-4

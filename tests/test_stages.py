@@ -1,10 +1,12 @@
 """The stage commands end to end on a tiny demo world, through the CLI dvc.yaml calls."""
 
+import json
 from pathlib import Path
 
 import faiss
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -18,7 +20,9 @@ def tiny_params(tmp_path: Path, **changes) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["demo"].update(n_items=120, n_users=220)
     params["pretrain_corpus"].update(n_pairs=300)
-    params["weights"].update(epochs=1, batch_size=32, holdout_pairs=32)
+    params["weights"].update(epochs=1, batch_size=32, holdout=0.1)
+    params["cnn_weights"].update(epochs=1, batch_size=32, holdout_pairs=32)
+    params["finetune"].update(epochs=2, batch_size=16, patience=0)
     params["train"].update(max_epochs=3)
     for key, value in changes.items():
         section, _, name = key.partition(".")
@@ -44,20 +48,27 @@ def pipeline_run(tmp_path_factory) -> Path:
     feats, models = tmp / "features/clip-pretrained", tmp / "models"
     invoke("download", "--out", raw, "--params", p)
     invoke("preprocess", "--raw", raw, "--out", proc, "--params", p)
-    invoke("weights", "--out", weights, "--params", p)
-    invoke(
-        "extract",
-        "--feature-set",
-        "clip-pretrained",
-        "--items",
-        proc / "items.parquet",
-        "--weights",
-        weights,
-        "--out",
-        feats,
-        "--params",
-        p,
-    )
+    invoke("weights", "--out", weights / "clip-pretrained", "--params", p)
+    invoke("weights", "--encoder", "cnn_st", "--out", weights / "cnn_st", "--params", p)
+    finetune = ["--items", proc / "items.parquet", "--weights", weights / "clip-pretrained"]
+    finetune += ["--out", weights / "clip-finetuned", "--metrics", tmp / "finetune.json"]
+    invoke("finetune", *finetune, "--params", p)
+    for feature_set in ("cnn_st", "clip-pretrained", "clip-finetuned"):
+        invoke(
+            "extract",
+            "--feature-set",
+            feature_set,
+            "--items",
+            proc / "items.parquet",
+            "--published",
+            proc / "image_features.parquet",
+            "--weights",
+            weights / feature_set,
+            "--out",
+            tmp / "features" / feature_set,
+            "--params",
+            p,
+        )
     inter = proc / "interactions.parquet"
     invoke(
         "train",
@@ -159,3 +170,32 @@ def test_help_lists_every_stage():
         "features",
     ):
         assert command in result.output
+
+
+def test_three_feature_sets_from_their_own_weights(pipeline_run, tmp_path):
+    dims = {}
+    for feature_set in ("cnn_st", "clip-pretrained", "clip-finetuned"):
+        feats = pl.read_parquet(pipeline_run / "features" / feature_set / "items.parquet")
+        dims[feature_set] = (feats.schema["image"].size, feats.schema["text"].size)
+        meta = pq.read_schema(pipeline_run / "features" / feature_set / "items.parquet").metadata
+        assert json.loads(meta[b"feature_set"]) == feature_set
+    assert dims["cnn_st"][1] == 384  # all-MiniLM-L6-v2
+    assert dims["clip-pretrained"] == dims["clip-finetuned"] == (128, 128)
+    tuned = json.loads((pipeline_run / "finetune.json").read_text())
+    assert tuned["pretrained"] == "demo+finetuned:demo" and tuned["epochs_run"] == 2
+    assert set(tuned["before"]) == set(tuned["after"]) >= {"i2t_r1", "i2t_r10"}
+
+    # a feature set's name must match the weights it is made from
+    result = CliRunner().invoke(
+        app,
+        [
+            "extract", "--feature-set", "clip-finetuned",
+            "--items", str(pipeline_run / "processed/items.parquet"),
+            "--weights", str(pipeline_run / "weights/clip-pretrained"),
+            "--out", str(tmp_path / "x"), "--params", str(tiny_params(tmp_path)),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 1 and "holds the weights of feature set 'clip-pretrained'" in (
+        result.output
+    )
+    assert not (tmp_path / "x").exists()

@@ -4,19 +4,21 @@ Architectures are open_clip model configs: its built-ins (the paper's ``ViT-B-16
 ``model_configs/`` (``lmmrec-clip-tiny``: 64x64 images, patch 8, 4+4 layers of width 128,
 128-d embeddings, 32 tokens, open_clip's own BPE tokenizer), registered with
 ``open_clip.add_model_config`` on import. Weights are a separate axis: the demo's come from
-``pipeline.encoders.pretrain``; real ones are pinned once from open_clip's hub by
-``pin_open_clip_weights`` and from then on loaded offline from the weights folder.
+training ``from_arch`` with ``pipeline.encoders.pairtrain``; real ones are pinned once from
+open_clip's hub by ``ClipEncoder.pin`` and from then on loaded offline from the weights folder.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from pipeline.encoders import register_encoder
@@ -26,7 +28,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 DEMO_ARCH = "lmmrec-clip-tiny"
-DEMO_TAG = "demo"  # the ``pretrained`` tag of weights made by our own demo pretraining
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps the ITC inverse temperature at 100
 
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
@@ -120,6 +122,20 @@ class ClipEncoder(Encoder):
         if not isinstance(tokens, torch.Tensor):
             raise TypeError(f"CLIP takes a [B, L] tensor of token ids, got {type(tokens)}")
         return self.model.encode_text(tokens)
+
+    def pair_losses(self, images: torch.Tensor, tokens: Tokens) -> dict[str, torch.Tensor]:
+        """CLIP's symmetric InfoNCE (ITC) over the batch, temperature learnt and capped."""
+        img = F.normalize(self.encode_images(images), dim=-1)
+        txt = F.normalize(self.encode_texts(tokens), dim=-1)
+        scale = self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+        logits = scale * img @ txt.T
+        target = torch.arange(len(logits), device=logits.device)
+        itc = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return {"itc": itc}
+
+    @classmethod
+    def pin(cls, arch: str, pretrained: str, out_dir: str | Path) -> dict:
+        return pin_open_clip_weights(arch, pretrained, out_dir)
 
     def card(self) -> dict:
         """What ``weights.json`` records besides the state hash."""
