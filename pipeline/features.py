@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
-from pipeline.encoders.base import Encoder, resolve_device, to_device
+from pipeline.encoders.base import Encoder, autocast, check_precision, resolve_device, to_device
 from pipeline.schemas import ContractError, feature_schema, validate
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class ExtractConfig:
     num_workers: int = 0  # DataLoader processes decoding JPEGs (0: in the main process; on CPU
     # decoding is a small share and workers only compete with the model for the cores)
     normalize: bool = True  # L2-normalise every vector (inner product = cosine)
+    precision: str = "auto"  # auto (bf16 on CUDA, exact fp32 on CPU) | fp32 | bf16
     device: str = "auto"  # auto | cpu | cuda | cuda:<n>
 
 
@@ -82,11 +83,6 @@ class _JpegDataset(Dataset):
             return self.transform(img.convert("RGB"))
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on CUDA; a no-op context on CPU (keeps CPU features exactly float32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def _finish(batches: list[torch.Tensor], normalize: bool) -> np.ndarray:
     return finish(torch.cat(batches).float(), normalize)
 
@@ -109,7 +105,7 @@ def _extract_images(
     out = []
     with tqdm(total=len(blobs), desc="image features", unit="item", disable=None) as bar:
         for x in loader:
-            with _autocast(device):
+            with autocast(device, cfg.precision):
                 out.append(encoder.encode_images(x.to(device, non_blocking=True)).float().cpu())
             bar.update(len(x))
     return _finish(out, cfg.normalize)
@@ -125,7 +121,7 @@ def _extract_texts(
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             tokens = to_device(encoder.tokenize([texts[i] for i in idx]), device)
-            with _autocast(device):
+            with autocast(device, cfg.precision):
                 out.append(encoder.encode_texts(tokens).float().cpu())
             bar.update(len(idx))
     features = _finish(out, cfg.normalize)
@@ -146,6 +142,7 @@ def extract_features(
     """
     if cfg.batch_size < 1 or cfg.num_workers < 0:
         raise ValueError(f"bad extract config {cfg}: need batch_size >= 1, num_workers >= 0")
+    check_precision(cfg.precision)
     missing = [c for c in ("image_bytes", "text") if c not in items.column_names]
     if missing:
         raise ContractError(f"items table lacks columns {missing} (has {items.column_names})")
@@ -177,6 +174,7 @@ def feature_metadata(encoder: Encoder, items: pa.Table, cfg: ExtractConfig) -> d
         "pretrained": encoder.pretrained,
         "weights_sha256": encoder.weights_sha256,
         "normalized": cfg.normalize,
+        "precision": cfg.precision,
         "aligned": encoder.aligned,
         "n_items": len(items),
         "n_with_image": int(pc.sum(items.column("has_image")).as_py() or 0),

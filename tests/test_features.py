@@ -197,3 +197,16 @@ def test_real_vit_b16_architecture_gives_512d_features():
     np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1, atol=1e-5)
     for vectors in (image, text):  # three different colours and texts: three different vectors
         assert np.abs(vectors[:, None] - vectors[None]).sum(-1)[~np.eye(3, dtype=bool)].min() > 1e-4
+
+
+def test_bf16_extraction_stays_close_to_float32(micro_encoder):
+    items = make_items(6)
+    exact = extract_features(micro_encoder, items, ExtractConfig(batch_size=3, num_workers=0))
+    fast = extract_features(
+        micro_encoder, items, ExtractConfig(batch_size=3, num_workers=0, precision="bf16")
+    )
+    for a, b in zip(exact, fast, strict=True):
+        assert not np.array_equal(a, b)  # bf16 really ran
+        assert (a * b).sum(axis=1).min() > 0.99  # cosine of the two versions of each vector
+    with pytest.raises(ValueError, match="unknown precision 'fp8'"):
+        extract_features(micro_encoder, items, ExtractConfig(precision="fp8"))

@@ -134,6 +134,22 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """Raise unless ``precision`` is one of ``PRECISIONS``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; allowed: {list(PRECISIONS)}")
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; otherwise exact float32."""
+    check_precision(precision)
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
 def to_device(tokens: Tokens, device: torch.device) -> Tokens:
     """Move a token batch (a tensor or a dict of tensors) to ``device``."""
     if isinstance(tokens, torch.Tensor):

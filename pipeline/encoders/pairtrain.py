@@ -24,12 +24,19 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from pipeline.encoders.base import Encoder, Tokens, resolve_device, select_tokens, to_device
+from pipeline.encoders.base import (
+    Encoder,
+    Tokens,
+    autocast,
+    check_precision,
+    resolve_device,
+    select_tokens,
+    to_device,
+)
 from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "fp32", "bf16")
 STOP_METRIC = "i2t_r10"
 
 
@@ -65,8 +72,7 @@ class PairTrainConfig:
             )
         if not 0 < self.min_crop_scale <= 1:
             raise ValueError(f"min_crop_scale must be in (0, 1], got {self.min_crop_scale}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; allowed: {list(PRECISIONS)}")
+        check_precision(self.precision)
         n_valid = round(self.holdout * n_pairs)
         if not 0 <= self.holdout < 1 or n_pairs - n_valid < 2:
             raise ValueError(
@@ -129,11 +135,6 @@ def _warmup_cosine(warmup: int, total: int):
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
-
-
-def _autocast(device: torch.device, precision: str):
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 @torch.inference_mode()
@@ -243,7 +244,7 @@ def train_pairs(
                 at = (step * cfg.grad_accum + m) * micro
                 idx = perm[at : at + micro]
                 x = augment(normalise(pixels[idx].to(device), encoder), cfg, gen)
-                with _autocast(device, cfg.precision):
+                with autocast(device, cfg.precision):
                     losses = encoder.pair_losses(x, to_device(select_tokens(tokens, idx), device))
                     loss = sum(losses.values())
                 if not torch.isfinite(loss):
