@@ -97,7 +97,9 @@ def test_mmgcn_mean_adjacency_averages_neighbours():
     data = clustered(n_users=7, n_items=12, per_user=4)
     a = dense_graph(data)
     expected = a / np.maximum(a.sum(1, keepdims=True), 1)
-    assert np.allclose(mean_adjacency(data).to_dense().numpy(), expected)
+    adjacency, transposed = mean_adjacency(data)
+    assert np.allclose(adjacency.to_dense().numpy(), expected)
+    assert np.allclose(transposed.to_dense().numpy(), expected.T)
 
 
 @pytest.mark.parametrize(("image", "text"), [(True, False), (False, True), (True, True)])
@@ -113,8 +115,9 @@ def test_mmgcn_works_with_any_modalities(image, text):
         assert model.gcns["text"].preference.shape == (data.n_users, 3)
     out = model.forward()
     assert out.shape == (data.n_users + data.n_items, 8)
+    graph = (model.adjacency, model.adjacency_t)
     reps = [
-        gcn(getattr(model, f"{name}_features"), model.id_embedding, model.adjacency)
+        gcn(getattr(model, f"{name}_features"), model.id_embedding, graph)
         for name, gcn in model.gcns.items()
     ]
     assert torch.allclose(out, sum(reps) / len(reps))  # the mean over modalities
@@ -123,6 +126,40 @@ def test_mmgcn_works_with_any_modalities(image, text):
     assert model.id_embedding.grad.abs().sum() > 0
     assert all(gcn.preference.grad.abs().sum() > 0 for gcn in model.gcns.values())
     assert model.score(users).shape == (16, data.n_items)
+
+
+def test_mmgcn_batch_rows_match_the_full_pass():
+    data = clustered()
+    torch.manual_seed(0)
+    model = MMGCN.build(data, features(data), {"embedding_size": 8, "n_layers": 2})
+    rows = torch.tensor([0, 3, data.n_users + 5, data.n_users + data.n_items - 1])
+    assert torch.allclose(model.forward(rows), model.forward()[rows], atol=1e-6)
+    users, pos, neg = next(epoch_batches(data, 16, seed=0, epoch=0))
+    full = model.forward()  # the loss written on the full pass, as MMRec computes it
+    u, p, n = full[users], full[pos + data.n_users], full[neg + data.n_users]
+    ranking = F.softplus((u * n).sum(1) - (u * p).sum(1)).mean()
+    ids = model.id_embedding
+    reg = (ids[users].pow(2).mean() + ids[pos + data.n_users].pow(2).mean()) / 2
+    reg = reg + (ids[users].pow(2).mean() + ids[neg + data.n_users].pow(2).mean()) / 2
+    reg = reg + sum(g.preference.pow(2).mean() for g in model.gcns.values())
+    expected = ranking + model.config.reg_weight * reg
+    assert torch.allclose(model.loss(users, pos, neg), expected, atol=1e-6)
+
+
+def test_mmgcn_additive_combination():
+    data = clustered()
+    torch.manual_seed(0)
+    config = {"embedding_size": 8, "image_latent_size": 6, "n_layers": 2, "concat": False}
+    model = MMGCN.build(data, features(data, text=False), config)
+    gcn = model.gcns["image"]
+    assert [c.weight.shape for c in gcn.combine] == [(8, 6), (8, 8)]  # Linear(h) alone
+    x = F.normalize(torch.cat([gcn.preference, gcn.project(model.image_features)]))
+    graph = torch.tensor(dense_graph(data), dtype=torch.float32)
+    mean = graph / graph.sum(1, keepdim=True).clamp(min=1)
+    for conv, linear, combine in zip(gcn.conv, gcn.linear, gcn.combine, strict=True):
+        h = F.leaky_relu(mean @ x @ conv)
+        x = F.leaky_relu(combine(h) + F.leaky_relu(linear(x)) + model.id_embedding)
+    assert torch.allclose(model.forward(), x, atol=1e-5)
 
 
 def test_mmgcn_can_freeze_embeddings_as_mmrec():
@@ -142,6 +179,7 @@ def test_mmgcn_can_freeze_embeddings_as_mmrec():
     [
         ("lightgcn", {"embedding_size": 8, "n_layers": 2}),
         ("mmgcn", {"embedding_size": 8, "image_latent_size": 8, "n_layers": 2}),
+        ("mmgcn", {"embedding_size": 8, "n_layers": 2, "concat": False}),
     ],
 )
 def test_graph_models_learn_the_clusters(name, config):

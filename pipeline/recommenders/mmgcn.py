@@ -6,17 +6,22 @@ study ran): per modality, node inputs are [user preference ; item features], wit
 features first projected by a linear layer to ``image_latent_size`` (text features enter at
 their own width), rows L2-normalised. Each of ``n_layers`` layers computes
 h = leaky(mean over graph neighbours of x W), x_hat = leaky(Linear(x)) + ID embedding,
-x = leaky(Linear([h ; x_hat])) (MMRec passes ``concate='False'``, a non-empty string, so the
-concatenation branch is the one that runs). The representation is the mean over the present
-modalities; score = inner product; loss = BPR + reg_weight * (mean squared ID embedding of the
-batch + mean squared user preference).
+x = leaky(Linear([h ; x_hat])) (MMRec, like the authors' code, passes ``concate='False'``, a
+non-empty string, so the concatenation branch is the one that runs; ``concat: false`` gives the
+additive x = leaky(Linear(h) + x_hat) the flag asked for). The representation is the mean over
+the present modalities; score = inner product; loss = BPR + reg_weight * (mean squared ID
+embedding of the batch + mean squared user preference).
 
-Departures from MMRec: the user preferences and ID embeddings are trained (MMRec builds them
-as plain tensors that never reach the optimiser, so they stay at their random init; set
-``learn_embeddings: false`` to reproduce that); every modality's preference is regularised
-(MMRec: only the image one); ``n_layers`` is honoured (MMRec hard-codes three); all weights
-use Xavier-normal init; propagation is a sparse D^-1 A product instead of torch_geometric;
-the representation is cached while in eval mode.
+Departures from MMRec: the user preferences and ID embeddings are trained (MMRec, like the
+authors' own code, builds them as plain tensors that never reach the optimiser, so they stay
+at their random init and its reg_weight term is a constant; set ``learn_embeddings: false`` to
+reproduce that); every modality's preference is regularised (MMRec: only the image one);
+``n_layers`` is honoured (MMRec hard-codes three); all weights use Xavier-normal init;
+propagation is a sparse D^-1 A product (its transpose precomputed for the backward pass)
+instead of torch_geometric, taken before the layer weight ((A x) W, the same product as
+A (x W)); in training the last layer runs only on the batch's users and items, the only rows
+the loss reads (same loss, fewer dense products); the representation is cached while in eval
+mode.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import to_csr
+from pipeline.graph import constant_spmm, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss
 from pipeline.recommenders import register_recommender
@@ -43,6 +48,7 @@ class MMGCNConfig(EmbeddingConfig):
     n_layers: int = 3  # graph convolution layers per modality (MMRec's code has three)
     image_latent_size: int = 256  # width image features are projected to (MMRec's dim_latent)
     learn_embeddings: bool = True  # False: preferences and ID embeddings frozen, as in MMRec
+    concat: bool = True  # combine Linear([h ; x_hat]) (what MMRec runs); False: Linear(h) + x_hat
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,16 +58,17 @@ class MMGCNConfig(EmbeddingConfig):
             raise ValueError(f"image_latent_size = {self.image_latent_size}; use at least 1")
 
 
-def mean_adjacency(data: InteractionData) -> torch.Tensor:
-    """The row-normalised user-item train graph D^-1 A [(U + I), (U + I)], users first:
-    multiplying by it averages each node's neighbours (torch_geometric's ``aggr='mean'``)."""
+def mean_adjacency(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor]:
+    """The row-normalised user-item train graph D^-1 A [(U + I), (U + I)], users first, and its
+    transpose A D^-1 (for the backward pass), both CSR: multiplying by the first averages each
+    node's neighbours (torch_geometric's ``aggr='mean'``)."""
     users = torch.from_numpy(data.train_users)
     items = torch.from_numpy(data.train_items) + data.n_users
     index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
     n = data.n_users + data.n_items
     values = 1.0 / torch.bincount(index[0], minlength=n).float()[index[0]]
     coo = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
-    return to_csr(coo)
+    return to_csr(coo), to_csr(coo.t().coalesce())
 
 
 def _weight(rows: int, cols: int, learn: bool = True) -> nn.Parameter:
@@ -83,21 +90,40 @@ class ModalityGCN(nn.Module):
         widths = [width] + [d] * (config.n_layers - 1)  # input width of each layer
         self.conv = nn.ParameterList(_weight(w, w) for w in widths)
         self.linear = nn.ModuleList(nn.Linear(w, d) for w in widths)
-        self.combine = nn.ModuleList(nn.Linear(w + d, d) for w in widths)
+        self.concat = config.concat
+        self.combine = nn.ModuleList(nn.Linear(w + d if self.concat else w, d) for w in widths)
         for layer in [self.project, *self.linear, *self.combine]:
             if layer is not None:
                 nn.init.xavier_normal_(layer.weight)
 
     def forward(
-        self, features: torch.Tensor, id_embedding: torch.Tensor, adjacency: torch.Tensor
+        self,
+        features: torch.Tensor,
+        id_embedding: torch.Tensor,
+        adjacency: tuple[torch.Tensor, torch.Tensor],
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Node representations [(U + I), d] from item ``features`` [I, F]."""
+        """Node representations [(U + I), d] from item ``features`` [I, F] and the mean
+        ``adjacency`` with its transpose; with ``rows``, only those nodes' [R, d] (the last
+        layer's dense products then run on those rows alone)."""
         items = features if self.project is None else self.project(features)
         x = F.normalize(torch.cat([self.preference, items], dim=0))  # [U + I, w]
-        for conv, linear, combine in zip(self.conv, self.linear, self.combine, strict=True):
-            h = F.leaky_relu(torch.sparse.mm(adjacency, x @ conv))  # neighbourhood mean
-            x_hat = F.leaky_relu(linear(x)) + id_embedding  # the node itself
-            x = F.leaky_relu(combine(torch.cat([h, x_hat], dim=1)))
+        last = len(self.conv) - 1
+        for layer, (conv, linear, combine) in enumerate(
+            zip(self.conv, self.linear, self.combine, strict=True)
+        ):
+            mean = constant_spmm(adjacency[0], x, adjacency[1])  # (A x) W = A (x W)
+            ids = id_embedding
+            if layer == last and rows is not None:
+                mean, x, ids = mean[rows], x[rows], id_embedding[rows]
+            h = F.leaky_relu(mean @ conv)  # the neighbourhood
+            x_hat = F.leaky_relu(linear(x)) + ids  # the node itself
+            if self.concat:  # combine([h ; x_hat]) without materialising the concatenation
+                w = h.shape[1]
+                x = F.linear(h, combine.weight[:, :w]) + F.linear(x_hat, combine.weight[:, w:])
+                x = F.leaky_relu(x + combine.bias)
+            else:
+                x = F.leaky_relu(combine(h) + x_hat)
         return x
 
 
@@ -112,7 +138,9 @@ class MMGCN(GraphRecommender):
         super().__init__(data, features, config)
         if features is None:
             raise ValueError("mmgcn uses item features, but none were given")
-        self.register_buffer("adjacency", mean_adjacency(data), persistent=False)
+        adjacency, transposed = mean_adjacency(data)
+        self.register_buffer("adjacency", adjacency, persistent=False)
+        self.register_buffer("adjacency_t", transposed, persistent=False)
         self.id_embedding = _weight(
             self.n_users + self.n_items, config.embedding_size, config.learn_embeddings
         )
@@ -123,19 +151,21 @@ class MMGCN(GraphRecommender):
                 self.register_buffer(f"{name}_features", tensor.float(), persistent=False)
                 self.gcns[name] = ModalityGCN(self.n_users, tensor.shape[1], latent, config)
 
-    def forward(self) -> torch.Tensor:
-        """Representations of users then items, [(U + I), d]: the mean over modalities."""
+    def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Representations of users then items, [(U + I), d] (or of ``rows`` only, [R, d]):
+        the mean over modalities."""
+        graph = (self.adjacency, self.adjacency_t)
         reps = [
-            gcn(getattr(self, f"{name}_features"), self.id_embedding, self.adjacency)
+            gcn(getattr(self, f"{name}_features"), self.id_embedding, graph, rows)
             for name, gcn in self.gcns.items()
         ]
-        return torch.stack(reps).mean(dim=0)
+        return sum(reps) / len(reps)
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR loss + reg_weight * (batch ID embeddings' and preferences' mean squares)."""
-        out = self.forward()
         pos, neg = pos + self.n_users, neg + self.n_users
-        u, p, n = out[users], out[pos], out[neg]  # [B, d] each
+        rows, where = torch.unique(torch.cat([users, pos, neg]), return_inverse=True)
+        u, p, n = self.forward(rows)[where].chunk(3)  # [B, d] each
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
         ids = self.id_embedding
         # MMRec: mean over the 2B (user, item) rows of u^2 + i^2, the user counted twice
