@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from timing import median_seconds
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.encoders import Encoder, load_encoder, read_card
@@ -67,16 +68,6 @@ print("RSS " + json.dumps({
     "child": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
 }))
 """
-
-
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
-    """Median wall-clock of ``reps`` calls of ``fn``."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def demo_items(n: int | None, workdir: Path) -> tuple[pa.Table, str]:

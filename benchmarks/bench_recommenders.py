@@ -13,18 +13,17 @@ import argparse
 import json
 import logging
 import resource
-import statistics
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import yaml
+from timing import median_seconds
 
 from pipeline.evaluation import evaluate
 from pipeline.interactions import InteractionData, load_interactions
@@ -53,16 +52,6 @@ log = logging.getLogger("bench")
 def peak_rss_mib() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def median_seconds(fn: Callable[[], object], reps: int) -> float:
-    """Median wall-clock of ``reps`` calls of ``fn``."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def model_params(name: str) -> dict[str, Any]:

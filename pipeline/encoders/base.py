@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_CARD = "weights.json"
 STATE_FILE = "model.safetensors"
@@ -79,8 +82,22 @@ class Encoder(nn.Module, ABC):
         """A token batch of B texts -> [B, text_dim] embeddings (not normalised)."""
 
     @abstractmethod
+    def card(self) -> dict:
+        """What ``weights.json`` records besides the state hash (``CARD_KEYS`` at least, plus
+        whatever ``load`` needs to rebuild the model: arch config, preprocessing...)."""
+
+    def weights_state(self) -> Mapping[str, torch.Tensor]:
+        """The state dict a weights folder holds (default: this module's own)."""
+        return self.state_dict()
+
     def save(self, out_dir: str | Path) -> None:
-        """Write the weights folder (state + card) atomically."""
+        """Write the weights folder (state + card) atomically and remember its sha256."""
+        card = write_weights(out_dir, self.weights_state(), self.card())
+        self.weights_sha256 = card["sha256"]
+        log.info(
+            "wrote %s %s weights %s (sha256 %s) to %s",
+            self.name, self.arch, self.pretrained, card["sha256"], out_dir,
+        )  # fmt: skip
 
     @classmethod
     @abstractmethod

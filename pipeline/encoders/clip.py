@@ -155,16 +155,9 @@ class ClipEncoder(Encoder):
             "open_clip_version": open_clip.__version__,
         }
 
-    def save(self, out_dir: str | Path) -> None:
-        card = write_weights(out_dir, self.model.state_dict(), self.card())
-        self.weights_sha256 = card["sha256"]
-        log.info(
-            "wrote %s weights %s (sha256 %s) to %s",
-            self.arch,
-            self.pretrained,
-            card["sha256"],
-            out_dir,
-        )
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """open_clip's own state dict (keys without our wrapper's ``model.`` prefix)."""
+        return self.model.state_dict()
 
     @classmethod
     def load(cls, weights_dir: str | Path) -> ClipEncoder:

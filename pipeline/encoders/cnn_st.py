@@ -258,17 +258,6 @@ class CnnStEncoder(Encoder):
             },
         }
 
-    def save(self, out_dir: str | Path) -> None:
-        card = write_weights(out_dir, self.state_dict(), self.card())
-        self.weights_sha256 = card["sha256"]
-        log.info(
-            "wrote %s weights %s (sha256 %s) to %s",
-            self.arch,
-            self.pretrained,
-            card["sha256"],
-            out_dir,
-        )
-
     @classmethod
     def load(cls, weights_dir: str | Path) -> CnnStEncoder:
         """Rebuild both towers (the ST from the package's files), then load the saved state."""

@@ -255,10 +255,9 @@ class VlmoEncoder(Encoder):
         """What ``weights.json`` records besides the state hash."""
         return _card(self.arch, self.config, self.pretrained, self.source)
 
-    def save(self, out_dir: str | Path) -> None:
-        card = write_weights(out_dir, self.model.state_dict(), self.card())
-        self.weights_sha256 = card["sha256"]
-        log.info("wrote VLMo %s weights (sha256 %s) to %s", self.arch, card["sha256"], out_dir)
+    def weights_state(self) -> dict[str, torch.Tensor]:
+        """The model's state under the official VLMo key names."""
+        return self.model.state_dict()
 
     @classmethod
     def load(cls, weights_dir: str | Path) -> VlmoEncoder:
