@@ -3,8 +3,8 @@
 import math
 
 import numpy as np
-import pyarrow as pa
 import pytest
+from tables import imageless_items
 from typer.testing import CliRunner
 
 from pipeline.alignment import alignment, separate_spaces
@@ -121,18 +121,7 @@ def project(tmp_path_factory):
         {**META, "normalized": False, "aligned": False},
     )
     (features / ".same.tmp-0123abcd").mkdir()  # a leftover temporary is not a feature set
-    n = len(ids)
-    items = pa.table(
-        {
-            "item_id": pa.array(ids, pa.int32()),
-            "asin": [f"A{i}" for i in ids],
-            "title": [f"Title {i}" for i in ids],
-            "text": [f"text {i}" for i in ids],
-            "image_path": pa.nulls(n, pa.string()),
-            "image_bytes": pa.array([b""] * n, pa.binary()),
-            "has_image": pa.array([False] * n),
-        }
-    )
+    items = imageless_items(ids)
     write_table(items, root / "data/processed/tiny/items.parquet", ITEMS, "items")
     return root
 

@@ -7,6 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from tables import imageless_items
 
 from pipeline.evaluation import metrics_from_hits, recommend
 from pipeline.features import write_feature_store
@@ -42,17 +43,7 @@ def world(tmp_path_factory) -> dict:
     )
     write_table(interactions, processed / "interactions.parquet", INTERACTIONS, "interactions")
     ids = np.arange(N_ITEMS)
-    item_table = pa.table(
-        {
-            "item_id": pa.array(ids, pa.int32()),
-            "asin": [f"A{i}" for i in ids],
-            "title": [f"Title of item {i}" for i in ids],
-            "text": [f"text {i}" for i in ids],
-            "image_path": pa.nulls(N_ITEMS, pa.string()),
-            "image_bytes": pa.array([b""] * N_ITEMS, pa.binary()),
-            "has_image": pa.array([False] * N_ITEMS),
-        }
-    )
+    item_table = imageless_items(ids, "Title of item {}")
     write_table(item_table, processed / "items.parquet", ITEMS, "items")
     image = np.eye(3, dtype=np.float32)[ids % 3]
     text = rng.normal(size=(N_ITEMS, 4)).astype(np.float32)
