@@ -28,7 +28,7 @@ from timing import median_seconds
 from pipeline.evaluation import evaluate
 from pipeline.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender, list_recommenders
-from pipeline.recommenders.base import ItemFeatures
+from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.sampling import epoch_batches
 from pipeline.seeding import seed_everything
 from pipeline.training import TrainConfig, _train_epoch
@@ -120,6 +120,15 @@ def dense_scores_seconds(n_users: int, n_items: int, dim: int, chunk: int, reps:
     return median_seconds(product, reps)
 
 
+def build_model(
+    name: str, data: InteractionData, features: ItemFeatures | None, seed: int
+) -> Recommender:
+    """``name`` with its params.yaml section, seeded; ID-only models get no features."""
+    seed_everything(seed)
+    model_cls = get_recommender(name)
+    return model_cls.build(data, features if model_cls.uses_features else None, model_params(name))
+
+
 def bench_model(
     name: str,
     data: InteractionData,
@@ -130,12 +139,8 @@ def bench_model(
 ) -> dict[str, Any]:
     """Build ``name``, time its training epochs, the sampling inside them, a full validation
     pass and the dense score matmul it is compared with."""
-    seed_everything(cfg.seed)
-    uses_features = get_recommender(name).uses_features
     start = time.perf_counter()
-    model = get_recommender(name).build(
-        data, features if uses_features else None, model_params(name)
-    )
+    model = build_model(name, data, features, cfg.seed)
     build_s = time.perf_counter() - start
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -221,8 +226,32 @@ def run_demo(args: argparse.Namespace, names: list[str]) -> None:
     print_table(rows, scale=False)
 
 
+def probe_steps(
+    name: str, data: InteractionData, features: ItemFeatures | None, cfg: TrainConfig, steps: int
+) -> dict[str, Any]:
+    """Seconds per training step over the first ``steps`` batches of epoch 1 (after one
+    untimed step), and the epoch that rate projects: what a timed-out scale run still tells."""
+    model = build_model(name, data, features, cfg.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model.train()
+    batches = epoch_batches(data, cfg.batch_size, cfg.seed, 1)
+    n_batches = -(-data.n_train // cfg.batch_size)
+    times = []
+    for i, (users, pos, neg) in zip(range(steps + 1), batches, strict=False):
+        start = time.perf_counter()
+        loss = model.loss(users, pos, neg)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i:  # the first step pays for lazy allocations
+            times.append(time.perf_counter() - start)
+    step_s = float(np.median(times))
+    return {"step_s": step_s, "steps_per_epoch": n_batches, "projected_epoch_s": step_s * n_batches}
+
+
 def scale_worker(args: argparse.Namespace, name: str) -> None:
-    """One model at Elec size, in its own process; prints one RESULT line of JSON."""
+    """One model at Elec size, in its own process: a PROBE line of JSON (step time, projected
+    epoch, peak memory so far) after a few steps, then a RESULT line after the full epoch."""
     result: dict[str, Any] = {"model": name}
     try:
         start = time.perf_counter()
@@ -230,12 +259,29 @@ def scale_worker(args: argparse.Namespace, name: str) -> None:
         features = synthetic_features(args.seed) if get_recommender(name).uses_features else None
         result.update(data_s=time.perf_counter() - start, rss_load_mib=peak_rss_mib())
         cfg = train_config(args, args.batch_size or 2048)  # the paper's batch
+        probe = probe_steps(name, data, features, cfg, args.probe_steps)
+        print("PROBE " + json.dumps({**probe, "peak_rss_mib": peak_rss_mib()}), flush=True)
         result.update(bench_model(name, data, features, cfg, epochs=1, reps=1))
     except Exception as exc:  # MemoryError included: report it with the peak reached
         result["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _timeout_error(stdout: str | bytes | None, timeout: float) -> str:
+    """Why a scale run gave no result, with what its PROBE line measured before the timeout."""
+    text = stdout.decode() if isinstance(stdout, bytes) else stdout or ""
+    probes = [ln for ln in text.splitlines() if ln.startswith("PROBE ")]
+    error = f"no result within --timeout {timeout:g} s"
+    if probes:
+        p = json.loads(probes[-1].removeprefix("PROBE "))
+        error += (
+            f"; measured {p['step_s']:.2f} s/step x {p['steps_per_epoch']} steps = projected "
+            f"epoch {p['projected_epoch_s']:,.0f} s, peak RSS {p['peak_rss_mib']:,.0f} MiB "
+            "after the probe steps"
+        )
+    return error
 
 
 def run_scale(args: argparse.Namespace, names: list[str]) -> None:
@@ -251,11 +297,13 @@ def run_scale(args: argparse.Namespace, names: list[str]) -> None:
     for name in names:
         command = [sys.executable, __file__, "--scale-worker", name, "--seed", str(args.seed)]
         command += ["--threads", str(args.threads), "--batch-size", str(batch_size)]
+        command += ["--probe-steps", str(args.probe_steps)]
         start = time.perf_counter()
         try:
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            rows.append({"model": name, "error": f"no result within --timeout {args.timeout} s"})
+        except subprocess.TimeoutExpired as exc:
+            rows.append({"model": name, "error": _timeout_error(exc.stdout, args.timeout)})
+            print(f"  {name}: {rows[-1]['error']}", flush=True)
             continue
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if lines:
@@ -281,6 +329,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: 512 demo, 2048 scale")
     parser.add_argument("--seed", type=int, default=2022)
     parser.add_argument("--timeout", type=float, default=3600, help="scale: seconds per model")
+    parser.add_argument(
+        "--probe-steps", type=int, default=5, help="scale: steps timed before the full epoch"
+    )
     parser.add_argument("--scale-worker", metavar="MODEL", help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="log the models' details")
     args = parser.parse_args()
