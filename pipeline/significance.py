@@ -25,14 +25,30 @@ class ReportConfig:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
 
 
+# The paper's comparisons, each as (label, setting A, setting B): is A better than B?
+PAPER_COMPARISONS: tuple[tuple[str, str, str], ...] = (
+    ("pretrained LMM vs cnn_st", "{encoder}-pretrained", "cnn_st"),
+    ("fine-tuned vs pretrained", "{encoder}-finetuned", "{encoder}-pretrained"),
+    ("end-to-end vs fine-tuned", "e2e-{encoder}", "{encoder}-finetuned"),
+    ("end-to-end vs pretrained", "e2e-{encoder}", "{encoder}-pretrained"),
+)
+
+
+def encoder_settings(encoder: str) -> list[str]:
+    """The feature settings of the paper's table for the LMM ``encoder``, in column order."""
+    return ["cnn_st", f"{encoder}-pretrained", f"{encoder}-finetuned", f"e2e-{encoder}"]
+
+
 @dataclass(frozen=True)
 class Run:
-    """One trained recommender: its setting (feature set), model name and per-user results."""
+    """One trained recommender: its setting (feature set), model name and per-user results;
+    ``path`` is its folder (for the training curves), None when built in memory."""
 
     setting: str
     model: str
     metrics: dict
     per_user: pl.DataFrame
+    path: Path | None = None
 
     @property
     def name(self) -> str:
@@ -53,6 +69,7 @@ def load_runs(models_dir: str | Path) -> list[Run]:
                 model=run_dir.name,
                 metrics=json.loads(metrics_file.read_text()),
                 per_user=pl.read_parquet(per_user),
+                path=run_dir,
             )
         )
     return runs
@@ -120,16 +137,60 @@ def _aligned(a: Run, b: Run, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return joined["a"].to_numpy(), joined["b"].to_numpy()
 
 
+def paper_pairs(runs: Sequence[Run], encoder: str) -> list[tuple[str, Run, Run]]:
+    """(comparison label, A, B) for each of the paper's comparisons and each model trained in
+    both settings; comparisons whose settings are missing are left out."""
+    by_key = {(r.setting, r.model): r for r in runs}
+    models = sorted({r.model for r in runs})
+    pairs = []
+    for label, a_setting, b_setting in PAPER_COMPARISONS:
+        a_setting, b_setting = a_setting.format(encoder=encoder), b_setting.format(encoder=encoder)
+        for model in models:
+            if (a_setting, model) in by_key and (b_setting, model) in by_key:
+                pairs.append((label, by_key[a_setting, model], by_key[b_setting, model]))
+    return pairs
+
+
 def compare(
-    pairs: Sequence[tuple[Run, Run]], cfg: ReportConfig
+    pairs: Sequence[tuple[Run, Run]], cfg: ReportConfig, labels: Sequence[str] | None = None
 ) -> list[dict[str, float | str | bool]]:
-    """Paired tests for each (a, b) pair and metric, Holm-corrected across the whole family."""
+    """Paired tests for each (a, b) pair and metric, Holm-corrected across the whole family;
+    ``labels`` (one per pair) name the comparison each row belongs to."""
+    labels = [""] * len(pairs) if labels is None else labels
+    if len(labels) != len(pairs):
+        raise ValueError(f"{len(labels)} labels for {len(pairs)} pairs")
     rows: list[dict] = []
-    for a, b in pairs:
+    for (a, b), label in zip(pairs, labels, strict=True):
         for metric in cfg.metrics:
             x, y = _aligned(a, b, metric)
-            rows.append({"a": a.name, "b": b.name, "metric": metric, **paired_test(x, y)})
+            rows.append(
+                {"comparison": label, "a": a.name, "b": b.name, "metric": metric,
+                 **paired_test(x, y)}
+            )  # fmt: skip
     for row, p_holm in zip(rows, holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = p_holm
         row["significant"] = p_holm < cfg.alpha
     return rows
+
+
+def headline(rows: Sequence[dict]) -> dict[str, dict[str, float]]:
+    """Per comparison label: how many (model, metric) cases A is significantly better and
+    significantly worse than B in (after the family's correction), and the share better."""
+    out: dict[str, dict[str, float]] = {}
+    for row in rows:
+        entry = out.setdefault(row["comparison"], {"cases": 0, "better": 0, "worse": 0})
+        entry["cases"] += 1
+        if row["significant"]:
+            entry["better" if row["diff"] > 0 else "worse"] += 1
+    for entry in out.values():
+        entry["share_better"] = entry["better"] / entry["cases"]
+    return out
+
+
+def mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The mean of per-user ``values`` and the half-width of its t confidence interval."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 2:
+        return float(values.mean()), 0.0
+    sem = float(values.std(ddof=1)) / math.sqrt(values.size)
+    return float(values.mean()), float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * sem)

@@ -173,7 +173,8 @@ def report(
     out: Out,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
-    """Paired significance tests between trained runs: significance.md and summary.json."""
+    """The paper's table and paired significance tests for the params' encoder:
+    significance.md, self-contained significance.html, plots/ and summary.json."""
     from stages import report as stage
 
     with _user_errors():

@@ -1,4 +1,5 @@
-"""report stage: paired significance tests between every trained run and the ID-only ones."""
+"""report stage: the paper's table and comparisons for the params' encoder, tests against the
+ID-only references, plots; significance.md, significance.html, plots/ and summary.json."""
 
 from __future__ import annotations
 
@@ -9,32 +10,67 @@ from typing import Any
 from pipeline.atomic import atomic_path, write_json
 from pipeline.baselines import BASELINES, evaluate_baseline
 from pipeline.interactions import load_interactions
-from pipeline.report import render_markdown, summary
+from pipeline.report import report_blocks, summary, to_html, to_markdown
+from pipeline.report_plots import bar_plot, curve_plot
 from pipeline.schemas import ID_ONLY
-from pipeline.significance import ReportConfig, compare, load_runs
+from pipeline.significance import (
+    ReportConfig,
+    compare,
+    encoder_settings,
+    headline,
+    load_runs,
+    paper_pairs,
+)
 from stages.params import build, require
 
 log = logging.getLogger(__name__)
 
 
 def run(params: dict[str, Any], interactions: Path, models: Path, out: Path) -> dict:
-    """Compare each feature-based run with each ID-only reference; write the report to ``out``."""
+    """Test the runs under ``models`` that belong to the params' encoder; write ``out``."""
     cfg = build(ReportConfig, params.get("report"), "report")
-    runs = load_runs(models)
+    encoder = require(params, "encoder")
+    settings = encoder_settings(encoder)
+    found = load_runs(models)
+    runs = [r for r in found if r.setting in settings or r.setting == ID_ONLY]
+    ignored = sorted({r.setting for r in found} - {r.setting for r in runs})
+    if ignored:
+        log.warning("report for encoder %s leaves out the runs of %s", encoder, ignored)
     if not runs:
-        raise FileNotFoundError(f"no trained runs (per_user.parquet) under {models}")
+        raise FileNotFoundError(f"no trained runs (per_user.parquet) for {settings} under {models}")
     data = load_interactions(interactions)
     topk = tuple(require(params, "eval.topk"))
     seed = require(params, "seed")
     baselines = {
         name: evaluate_baseline(name, data, "test", topk, seed).means for name in BASELINES
     }
+    labelled = paper_pairs(runs, encoder)
+    paper_rows = compare([(a, b) for _, a, b in labelled], cfg, [lab for lab, _, _ in labelled])
     references = [r for r in runs if r.setting == ID_ONLY]
     pairs = [(r, ref) for r in runs if r.setting != ID_ONLY for ref in references]
-    rows = compare(pairs, cfg)
+    reference_rows = compare(pairs, cfg, [f"vs {b.model}" for _, b in pairs])
+    shares = headline(paper_rows)
+
+    plots = []
+    for metric in cfg.metrics:
+        name = f"plots/bars_{metric.replace('@', '_at_')}.png"
+        bar_plot(runs, settings, metric, out / name)
+        plots.append((name, f"Test {metric} per model and feature setting, 95% CI"))
+    if curve_plot(runs, settings, out / "plots/valid_curves.png"):
+        plots.append(("plots/valid_curves.png", "Validation Recall@20 per epoch"))
+    full = [f"{m}@{k}" for m in ("recall", "ndcg") for k in topk]
+    blocks = report_blocks(
+        require(params, "dataset"), runs, baselines, settings, paper_rows, reference_rows,
+        shares, cfg, full, plots,
+    )  # fmt: skip
     with atomic_path(out / "significance.md") as tmp:
-        tmp.write_text(render_markdown(require(params, "dataset"), runs, baselines, rows, cfg))
-    result = summary(runs, baselines, rows)
+        tmp.write_text(to_markdown(blocks))
+    with atomic_path(out / "significance.html") as tmp:
+        tmp.write_text(to_html(blocks, out, f"lmmrec significance report: {params['dataset']}"))
+    result = summary(runs, baselines, paper_rows, reference_rows, shares)
     write_json(out / "summary.json", result)
-    log.info("report: %d runs, %d tests -> %s", len(runs), len(rows), out)
+    log.info(
+        "report: %d runs, %d paper tests, %d reference tests -> %s",
+        len(runs), len(paper_rows), len(reference_rows), out,
+    )  # fmt: skip
     return result

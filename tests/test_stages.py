@@ -127,7 +127,8 @@ def test_feature_store_is_readable_with_polars_and_faiss(pipeline_run):
 
 def test_report_pairs_vbpr_with_bpr(pipeline_run):
     report = (pipeline_run / "reports/significance.md").read_text()
-    assert "| vbpr [clip-pretrained] | bpr [id] | recall@20 |" in report
+    assert "| vs bpr | vbpr [clip-pretrained] | bpr [id] | recall@20 |" in report
+    assert "data:image/png;base64," in (pipeline_run / "reports/significance.html").read_text()
     assert "most_popular" in report and "random" in report
 
 
