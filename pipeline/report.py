@@ -45,7 +45,7 @@ def settings_table(
     least one run, in ``settings`` order), the best setting of each row in bold; then the
     ID-only runs and the non-learned ``baselines`` in their own column."""
     columns = [s for s in settings if any(r.setting == s for r in runs)]
-    value = {(r.model, r.setting): r.metrics[metric] for r in runs}
+    value = {(r.model, r.setting): r.metrics[metric] for r in runs if r.setting in columns}
     table = Table(["model", *columns, NO_FEATURES], [])
     for model in sorted({r.model for r in runs if r.setting in columns}):
         cells = [value.get((model, s)) for s in columns]
@@ -54,7 +54,11 @@ def settings_table(
             if v == best:
                 table.bold.add((len(table.rows), col))
         table.rows.append([model, *("" if v is None else _fmt(v) for v in cells), ""])
-    references = {r.model: r.metrics[metric] for r in runs if r.setting == ID_ONLY}
+    references = {
+        r.model + r.setting.removeprefix(ID_ONLY): r.metrics[metric]
+        for r in runs
+        if r.setting == ID_ONLY or r.setting.startswith(f"{ID_ONLY} (")  # "id (<source>)"
+    }
     references.update({name: vals[metric] for name, vals in baselines.items()})
     for name, v in references.items():
         table.rows.append([name, *[""] * len(columns), _fmt(v)])
@@ -207,7 +211,8 @@ def to_html(blocks: Sequence[Block], root: Path, title: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def _outcomes(rows: Sequence[dict]) -> list[dict]:
+def outcomes(rows: Sequence[dict]) -> list[dict]:
+    """Each test's labels, difference with CI, effect size, p-values and verdict."""
     keys = ("comparison", "a", "b", "metric", "diff", "ci_low", "ci_high", "effect_size_dz")
     return [{k: r[k] for k in (*keys, "p", "p_holm", "wilcoxon_p", "significant")} for r in rows]
 
@@ -225,6 +230,6 @@ def summary(
         "runs": {f"{r.setting}/{r.model}": dict(r.metrics) for r in runs},
         "baselines": baselines,
         "headline": headline,
-        "paper_comparisons": _outcomes(paper_rows),
-        "reference_comparisons": _outcomes(reference_rows),
+        "paper_comparisons": outcomes(paper_rows),
+        "reference_comparisons": outcomes(reference_rows),
     }

@@ -55,21 +55,33 @@ class Run:
         return f"{self.model} [{self.setting}]"
 
 
-def load_runs(models_dir: str | Path) -> list[Run]:
-    """Every ``<setting>/<model>/`` under ``models_dir`` with metrics.json and per_user.parquet."""
+def load_runs(models_dir: str | Path, fs=None) -> list[Run]:
+    """Every ``<setting>/<model>/`` under ``models_dir`` with metrics.json and per_user.parquet;
+    from the local disk, or from ``fs`` (an fsspec filesystem such as DVC's at a git rev)."""
     runs = []
-    for per_user in sorted(Path(models_dir).glob("*/*/per_user.parquet")):
-        run_dir = per_user.parent
+    if fs is None:
+        found = [str(p) for p in sorted(Path(models_dir).glob("*/*/per_user.parquet"))]
+    else:
+        found = sorted(fs.glob(f"{str(models_dir).rstrip('/')}/*/*/per_user.parquet"))
+    for per_user in found:
+        run_dir = Path(per_user).parent
         metrics_file = run_dir / "metrics.json"
-        if not metrics_file.exists():
+        exists = metrics_file.exists() if fs is None else fs.exists(str(metrics_file))
+        if not exists:
             raise FileNotFoundError(f"{run_dir}: per_user.parquet without metrics.json")
+        if fs is None:
+            metrics, table = json.loads(metrics_file.read_text()), pl.read_parquet(per_user)
+        else:
+            metrics = json.loads(fs.read_text(str(metrics_file)))
+            with fs.open(per_user, "rb") as f:
+                table = pl.read_parquet(f)
         runs.append(
             Run(
                 setting=run_dir.parent.name,
                 model=run_dir.name,
-                metrics=json.loads(metrics_file.read_text()),
-                per_user=pl.read_parquet(per_user),
-                path=run_dir,
+                metrics=metrics,
+                per_user=table,
+                path=run_dir if fs is None else None,
             )
         )
     return runs

@@ -20,7 +20,8 @@ app = typer.Typer(
     help="lmmrec: large multi-modal encoders for recommendation, as a DVC pipeline.\n\n"
     "Stage commands (download, preprocess, weights, finetune, extract, train, report) are what "
     "dvc.yaml runs; normally you run `dvc repro` instead. Inspection: `features show`, "
-    "`features neighbours`, `features compare`, `recommend`, `stats`.",
+    "`features neighbours`, `features compare`, `recommend`, `stats`; across experiments: "
+    "`compare`.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
@@ -179,6 +180,34 @@ def report(
 
     with _user_errors():
         stage.run(load_params(params), interactions, models, out)
+
+
+@app.command("compare")
+def compare_runs(
+    rev: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rev",
+            help="A git revision or DVC experiment name (see `dvc exp show`) whose "
+            "models/<dataset> runs to compare; `workspace` for the files on disk. Repeatable.",
+        ),
+    ] = None,
+    dir_: Annotated[
+        list[str] | None,
+        typer.Option("--dir", help="LABEL=PATH of a models/<dataset> folder. Repeatable."),
+    ] = None,
+    dataset: Annotated[str, typer.Option(help="Dataset whose runs to compare.")] = "demo",
+    out: Annotated[Path, typer.Option(help="Folder for compare.md/.html and summary.json.")] = (
+        Path("reports/compare")
+    ),
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Tables and paired tests across experiments, e.g. CLIP vs VLMo:
+    `lmmrec compare --rev main --rev <vlmo experiment>`."""
+    from stages import compare as stage
+
+    with _user_errors():
+        stage.run(load_params(params), dataset, rev or [], dir_ or [], out)
 
 
 @app.command()
