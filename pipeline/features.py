@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path
+from pipeline.distributed import World, gather_rows
 from pipeline.encoders.base import Encoder, autocast, check_precision, resolve_device, to_device
 from pipeline.schemas import ContractError, feature_schema, validate
 
@@ -131,22 +132,32 @@ def _extract_texts(
 
 
 def extract_features(
-    encoder: Encoder, items: pa.Table, cfg: ExtractConfig = ExtractConfig(), images: bool = True
+    encoder: Encoder,
+    items: pa.Table,
+    cfg: ExtractConfig = ExtractConfig(),
+    images: bool = True,
+    world: World | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Encode every item's ``image_bytes`` and ``text``: image [N, D_i], text [N, D_t] float32.
 
     Rows follow ``items``' order. The encoder is moved to ``cfg.device`` and run in eval mode
     under ``torch.inference_mode``; its train/eval mode is restored afterwards. With
     ``images=False`` only texts are encoded and the image result is None (for image features
-    that come from elsewhere, such as Amazon's published CNN features).
+    that come from elsewhere, such as Amazon's published CNN features). Under torchrun
+    (``world.size`` > 1) each rank encodes its shard of the items and rank 0 gets them all;
+    the other ranks get (None, None).
     """
+    world = world or World()
     if cfg.batch_size < 1 or cfg.num_workers < 0:
         raise ValueError(f"bad extract config {cfg}: need batch_size >= 1, num_workers >= 0")
     check_precision(cfg.precision)
     missing = [c for c in ("image_bytes", "text") if c not in items.column_names]
     if missing:
         raise ContractError(f"items table lacks columns {missing} (has {items.column_names})")
-    device = resolve_device(cfg.device)
+    device = world.device(resolve_device(cfg.device))
+    n = len(items)
+    rows = world.shard(n)
+    shard = items.slice(rows.start, rows.stop - rows.start)
     was_training = encoder.training
     encoder.to(device).eval()
     start = time.perf_counter()
@@ -154,14 +165,19 @@ def extract_features(
         with torch.inference_mode():
             image = None
             if images:
-                image = _extract_images(encoder, items.column("image_bytes"), cfg, device)
-            text = _extract_texts(encoder, items.column("text").to_pylist(), cfg, device)
+                image = _extract_images(encoder, shard.column("image_bytes"), cfg, device)
+            text = _extract_texts(encoder, shard.column("text").to_pylist(), cfg, device)
     finally:
         encoder.train(was_training)
+    if world.size > 1:
+        image = None if image is None else gather_rows(image, world, n)
+        text = gather_rows(text, world, n)
     seconds = time.perf_counter() - start
+    where = f" (rank {world.rank} of {world.size}: items {rows.start}-{rows.stop - 1})"
     log.info(
-        "extracted %d items with %s/%s in %.1fs (%.0f items/s)",
-        len(items), encoder.name, encoder.arch, seconds, len(items) / max(seconds, 1e-9),
+        "extracted %d items with %s/%s in %.1fs (%.0f items/s)%s",
+        len(shard), encoder.name, encoder.arch, seconds, len(shard) / max(seconds, 1e-9),
+        where if world.size > 1 else "",
     )  # fmt: skip
     return image, text
 

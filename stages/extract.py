@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from pipeline.cnn_features import published_image_features
+from pipeline.distributed import world
 from pipeline.encoders import load_encoder, read_card
 from pipeline.features import (
     ExtractConfig,
@@ -46,7 +47,8 @@ def run(
     out: Path,
     published: Path | None = None,
 ) -> None:
-    """Encode the items in ``items`` with the weights in ``weights``; write ``out``.
+    """Encode the items in ``items`` with the weights in ``weights``; write ``out``. Under
+    ``torchrun --nproc_per_node N`` each process encodes a shard and rank 0 writes.
 
     For ``cnn_st``, the image features are Amazon's published CNN vectors when ``published``
     (preprocess's image_features.parquet) has any, mean-filled for the items without one.
@@ -65,7 +67,10 @@ def run(
     given = None
     if feature_set == BASELINE and published is not None:
         given = published_image_features(published, item_ids)
-    image, text = extract_features(encoder, table, cfg, images=given is None)
+    with world() as current:  # under torchrun: a shard of the items per rank
+        image, text = extract_features(encoder, table, cfg, given is None, current)
+    if not current.is_main:
+        return  # rank 0 writes
     if given is not None:
         vectors, found = given
         image = finish(torch.from_numpy(vectors), cfg.normalize)

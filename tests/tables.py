@@ -1,7 +1,12 @@
 """Small processed-data tables shared by the tests."""
 
+import io
+
 import numpy as np
 import pyarrow as pa
+from PIL import Image
+
+from pipeline.schemas import ITEMS, validate
 
 
 def imageless_items(ids: np.ndarray, title: str = "Title {}") -> pa.Table:
@@ -18,3 +23,24 @@ def imageless_items(ids: np.ndarray, title: str = "Title {}") -> pa.Table:
             "has_image": pa.array([False] * n),
         }
     )
+
+
+def jpeg(rgb: tuple[int, int, int], size: tuple[int, int] = (40, 32)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, rgb).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def make_items(n: int) -> pa.Table:
+    """n items with distinct colours and texts of very different lengths."""
+    rng = np.random.default_rng(0)
+    rows = {
+        "item_id": pa.array(range(n), pa.int32()),
+        "asin": [f"B{i:09d}" for i in range(n)],
+        "title": [f"item {i}" for i in range(n)],
+        "text": [" ".join(["word"] * (1 + (7 * i) % 11) + [f"item{i}"]) for i in range(n)],
+        "image_path": pa.array([None] * n, pa.string()),
+        "image_bytes": [jpeg(tuple(int(c) for c in rng.integers(0, 255, 3))) for _ in range(n)],
+        "has_image": [i % 3 != 0 for i in range(n)],
+    }
+    return validate(pa.table(rows), ITEMS, "items")

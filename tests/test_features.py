@@ -1,16 +1,14 @@
 """Feature extraction and the Parquet + FAISS feature store."""
 
-import io
 import json
 
 import faiss
 import numpy as np
 import open_clip
 import polars as pl
-import pyarrow as pa
 import pytest
 import torch
-from PIL import Image
+from tables import make_items
 
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.features import (
@@ -21,7 +19,7 @@ from pipeline.features import (
     read_feature_store,
     write_feature_store,
 )
-from pipeline.schemas import ITEMS, ContractError, validate
+from pipeline.schemas import ContractError
 
 MICRO_ARCH = "lmmrec-test-extract"
 MICRO_CFG = {
@@ -46,27 +44,6 @@ def micro_encoder(tmp_path_factory) -> ClipEncoder:
     open_clip.add_model_config(path)
     torch.manual_seed(0)
     return ClipEncoder.from_arch(MICRO_ARCH)
-
-
-def jpeg(rgb: tuple[int, int, int], size: tuple[int, int] = (40, 32)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, rgb).save(buf, "JPEG")
-    return buf.getvalue()
-
-
-def make_items(n: int) -> pa.Table:
-    """n items with distinct colours and texts of very different lengths."""
-    rng = np.random.default_rng(0)
-    rows = {
-        "item_id": pa.array(range(n), pa.int32()),
-        "asin": [f"B{i:09d}" for i in range(n)],
-        "title": [f"item {i}" for i in range(n)],
-        "text": [" ".join(["word"] * (1 + (7 * i) % 11) + [f"item{i}"]) for i in range(n)],
-        "image_path": pa.array([None] * n, pa.string()),
-        "image_bytes": [jpeg(tuple(int(c) for c in rng.integers(0, 255, 3))) for _ in range(n)],
-        "has_image": [i % 3 != 0 for i in range(n)],
-    }
-    return validate(pa.table(rows), ITEMS, "items")
 
 
 def distinct_vectors(n: int, d: int, seed: int) -> np.ndarray:
