@@ -186,7 +186,7 @@ def print_table(rows: list[dict[str, Any]], scale: bool) -> None:
     print(header)
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<10}  FAILED: {r['error']}")
+            print(f"{r['model']:<10}  {'' if 'probe' in r else 'FAILED: '}{r['error']}")
             continue
         share = f"{r['sampling_share']:.1%} {flag(r['sampling_share'] <= SAMPLING_TARGET)}"
         ratio = f"{r['eval_ratio']:.1f}x {flag(r['eval_ratio'] <= EVAL_TARGET)}"
@@ -226,11 +226,12 @@ def run_demo(args: argparse.Namespace, names: list[str]) -> None:
     print_table(rows, scale=False)
 
 
-def probe_steps(
+def probe(
     name: str, data: InteractionData, features: ItemFeatures | None, cfg: TrainConfig, steps: int
 ) -> dict[str, Any]:
     """Seconds per training step over the first ``steps`` batches of epoch 1 (after one
-    untimed step), and the epoch that rate projects: what a timed-out scale run still tells."""
+    untimed step), the epoch that rate projects, and one full validation pass: what a scale
+    run too slow for its time budget still measures."""
     model = build_model(name, data, features, cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     model.train()
@@ -246,12 +247,21 @@ def probe_steps(
         if i:  # the first step pays for lazy allocations
             times.append(time.perf_counter() - start)
     step_s = float(np.median(times))
-    return {"step_s": step_s, "steps_per_epoch": n_batches, "projected_epoch_s": step_s * n_batches}
+    model.eval()
+    start = time.perf_counter()
+    evaluate(model.score, data, "valid", cfg.topk, cfg.eval_batch_size)
+    return {
+        "step_s": step_s,
+        "steps_per_epoch": n_batches,
+        "projected_epoch_s": step_s * n_batches,
+        "eval_s": time.perf_counter() - start,
+    }
 
 
 def scale_worker(args: argparse.Namespace, name: str) -> None:
     """One model at Elec size, in its own process: a PROBE line of JSON (step time, projected
-    epoch, peak memory so far) after a few steps, then a RESULT line after the full epoch."""
+    epoch, a validation pass, peak memory so far), then a RESULT line after the full epoch,
+    or at once when the projected epoch would not fit in what is left of ``--timeout``."""
     result: dict[str, Any] = {"model": name}
     try:
         start = time.perf_counter()
@@ -259,14 +269,26 @@ def scale_worker(args: argparse.Namespace, name: str) -> None:
         features = synthetic_features(args.seed) if get_recommender(name).uses_features else None
         result.update(data_s=time.perf_counter() - start, rss_load_mib=peak_rss_mib())
         cfg = train_config(args, args.batch_size or 2048)  # the paper's batch
-        probe = probe_steps(name, data, features, cfg, args.probe_steps)
-        print("PROBE " + json.dumps({**probe, "peak_rss_mib": peak_rss_mib()}), flush=True)
-        result.update(bench_model(name, data, features, cfg, epochs=1, reps=1))
+        measured = probe(name, data, features, cfg, args.probe_steps)
+        print("PROBE " + json.dumps({**measured, "peak_rss_mib": peak_rss_mib()}), flush=True)
+        left = args.timeout - (time.perf_counter() - start)
+        if measured["projected_epoch_s"] + measured["eval_s"] > left:
+            result.update(probe=measured, error=_projection(measured, left))
+        else:
+            result.update(bench_model(name, data, features, cfg, epochs=1, reps=1))
     except Exception as exc:  # MemoryError included: report it with the peak reached
         result["error"] = f"{type(exc).__name__}: {exc}"
         traceback.print_exc()
     result["peak_rss_mib"] = peak_rss_mib()
     print("RESULT " + json.dumps(result), flush=True)
+
+
+def _projection(p: dict[str, Any], left: float) -> str:
+    return (
+        f"epoch not run: {p['step_s']:.2f} s/step x {p['steps_per_epoch']} steps = projected "
+        f"{p['projected_epoch_s']:,.0f} s, more than the {max(left, 0):,.0f} s left of "
+        f"--timeout; one validation pass took {p['eval_s']:,.1f} s"
+    )
 
 
 def _timeout_error(stdout: str | bytes | None, timeout: float) -> str:
@@ -278,8 +300,8 @@ def _timeout_error(stdout: str | bytes | None, timeout: float) -> str:
         p = json.loads(probes[-1].removeprefix("PROBE "))
         error += (
             f"; measured {p['step_s']:.2f} s/step x {p['steps_per_epoch']} steps = projected "
-            f"epoch {p['projected_epoch_s']:,.0f} s, peak RSS {p['peak_rss_mib']:,.0f} MiB "
-            "after the probe steps"
+            f"epoch {p['projected_epoch_s']:,.0f} s, validation pass {p['eval_s']:,.1f} s, "
+            f"peak RSS {p['peak_rss_mib']:,.0f} MiB after the probe"
         )
     return error
 
@@ -297,7 +319,7 @@ def run_scale(args: argparse.Namespace, names: list[str]) -> None:
     for name in names:
         command = [sys.executable, __file__, "--scale-worker", name, "--seed", str(args.seed)]
         command += ["--threads", str(args.threads), "--batch-size", str(batch_size)]
-        command += ["--probe-steps", str(args.probe_steps)]
+        command += ["--probe-steps", str(args.probe_steps), "--timeout", str(args.timeout)]
         start = time.perf_counter()
         try:
             done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=args.timeout)
