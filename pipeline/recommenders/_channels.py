@@ -3,6 +3,8 @@ propagated together by LightGCN over the train graph and read out to one embeddi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,6 +14,28 @@ from pipeline.interactions import InteractionData
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
 
 MODALITIES = ("image", "text")
+
+
+@dataclass(frozen=True)
+class ChannelConfig(EmbeddingConfig):
+    """The knobs MMGCL and SLMRec share: LightGCN depth, the self-supervised loss's weight and
+    temperature, and the dropout rate of their augmented views."""
+
+    n_layers: int = 3  # layer_num
+    ssl_weight: float = 0.1  # ssl_alpha
+    ssl_temp: float = 0.2
+    dropout_rate: float = 0.3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.n_layers < 0:
+            raise ValueError(f"n_layers = {self.n_layers}; use a value >= 0")
+        if self.ssl_weight < 0:
+            raise ValueError(f"ssl_weight = {self.ssl_weight}; use a value >= 0")
+        if not self.ssl_temp > 0:
+            raise ValueError(f"ssl_temp = {self.ssl_temp}; use a positive temperature")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate = {self.dropout_rate}; use a value in [0, 1)")
 
 
 class ChannelRecommender(GraphRecommender):

@@ -38,8 +38,8 @@ from pipeline.graph import propagate, sym_normalize, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders._channels import ChannelRecommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures
+from pipeline.recommenders._channels import ChannelConfig, ChannelRecommender
+from pipeline.recommenders.base import ItemFeatures
 
 
 def info_nce(
@@ -63,7 +63,7 @@ def info_nce(
 
 
 @dataclass(frozen=True)
-class MMGCLConfig(EmbeddingConfig):
+class MMGCLConfig(ChannelConfig):
     """MMGCL hyperparameters (defaults: the LMM4Rec authors' MMGCL.yaml, ssl_weight and
     ssl_temp picked on the demo's validation split from its grids)."""
 
@@ -76,14 +76,6 @@ class MMGCLConfig(EmbeddingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_layers < 0:
-            raise ValueError(f"n_layers = {self.n_layers}; use a value >= 0")
-        if self.ssl_weight < 0:
-            raise ValueError(f"ssl_weight = {self.ssl_weight}; use a value >= 0")
-        if not self.ssl_temp > 0:
-            raise ValueError(f"ssl_temp = {self.ssl_temp}; use a positive temperature")
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate = {self.dropout_rate}; use a value in [0, 1)")
         if not 0 <= self.mask_image_p <= 1:
             raise ValueError(f"mask_image_p = {self.mask_image_p}; use a value in [0, 1]")
 

@@ -42,8 +42,8 @@ from pipeline.graph import propagate
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
-from pipeline.recommenders._channels import ChannelRecommender
-from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures
+from pipeline.recommenders._channels import ChannelConfig, ChannelRecommender
+from pipeline.recommenders.base import ItemFeatures
 from pipeline.recommenders.mmgcl import info_nce
 
 SSL_TASKS = ("fac", "fd", "fm", "fd+fm")
@@ -51,7 +51,7 @@ MAIN_LOSSES = ("infonce", "bpr")
 
 
 @dataclass(frozen=True)
-class SLMRecConfig(EmbeddingConfig):
+class SLMRecConfig(ChannelConfig):
     """SLMRec hyperparameters (defaults: the LMM4Rec authors' SLMRec_ete.yaml, ssl_weight and
     ssl_temp picked on the demo's validation split from its grids)."""
 
@@ -66,19 +66,12 @@ class SLMRecConfig(EmbeddingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_layers < 0:
-            raise ValueError(f"n_layers = {self.n_layers}; use a value >= 0")
         if self.ssl_task not in SSL_TASKS:
             raise ValueError(f"ssl_task = {self.ssl_task!r}; allowed: {list(SSL_TASKS)}")
         if self.main_loss not in MAIN_LOSSES:
             raise ValueError(f"main_loss = {self.main_loss!r}; allowed: {list(MAIN_LOSSES)}")
-        if self.ssl_weight < 0:
-            raise ValueError(f"ssl_weight = {self.ssl_weight}; use a value >= 0")
-        for name in ("ssl_temp", "main_temp"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} = {getattr(self, name)}; use a positive temperature")
-        if not 0 <= self.dropout_rate < 1:
-            raise ValueError(f"dropout_rate = {self.dropout_rate}; use a value in [0, 1)")
+        if not self.main_temp > 0:
+            raise ValueError(f"main_temp = {self.main_temp}; use a positive temperature")
 
 
 @register_recommender("slmrec")
