@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import polars as pl
 from scipy import stats
@@ -55,33 +56,26 @@ class Run:
         return f"{self.model} [{self.setting}]"
 
 
-def load_runs(models_dir: str | Path, fs=None) -> list[Run]:
+def load_runs(models_dir: str | Path, fs: fsspec.AbstractFileSystem | None = None) -> list[Run]:
     """Every ``<setting>/<model>/`` under ``models_dir`` with metrics.json and per_user.parquet;
     from the local disk, or from ``fs`` (an fsspec filesystem such as DVC's at a git rev)."""
+    local = fs is None
+    fs = fsspec.filesystem("file") if local else fs
     runs = []
-    if fs is None:
-        found = [str(p) for p in sorted(Path(models_dir).glob("*/*/per_user.parquet"))]
-    else:
-        found = sorted(fs.glob(f"{str(models_dir).rstrip('/')}/*/*/per_user.parquet"))
-    for per_user in found:
+    for per_user in sorted(fs.glob(f"{str(models_dir).rstrip('/')}/*/*/per_user.parquet")):
         run_dir = Path(per_user).parent
-        metrics_file = run_dir / "metrics.json"
-        exists = metrics_file.exists() if fs is None else fs.exists(str(metrics_file))
-        if not exists:
+        metrics_file = str(run_dir / "metrics.json")
+        if not fs.exists(metrics_file):
             raise FileNotFoundError(f"{run_dir}: per_user.parquet without metrics.json")
-        if fs is None:
-            metrics, table = json.loads(metrics_file.read_text()), pl.read_parquet(per_user)
-        else:
-            metrics = json.loads(fs.read_text(str(metrics_file)))
-            with fs.open(per_user, "rb") as f:
-                table = pl.read_parquet(f)
+        with fs.open(per_user, "rb") as f:
+            table = pl.read_parquet(f)
         runs.append(
             Run(
                 setting=run_dir.parent.name,
                 model=run_dir.name,
-                metrics=metrics,
+                metrics=json.loads(fs.read_text(metrics_file)),
                 per_user=table,
-                path=run_dir if fs is None else None,
+                path=run_dir if local else None,
             )
         )
     return runs
