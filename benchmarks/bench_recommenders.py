@@ -283,12 +283,16 @@ def scale_worker(args: argparse.Namespace, name: str) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _projection(p: dict[str, Any], left: float) -> str:
+def _measured(p: dict[str, Any]) -> str:
+    """A PROBE measurement in words."""
     return (
-        f"epoch not run: {p['step_s']:.2f} s/step x {p['steps_per_epoch']} steps = projected "
-        f"{p['projected_epoch_s']:,.0f} s, more than the {max(left, 0):,.0f} s left of "
-        f"--timeout; one validation pass took {p['eval_s']:,.1f} s"
+        f"{p['step_s']:.2f} s/step x {p['steps_per_epoch']} steps = projected epoch "
+        f"{p['projected_epoch_s']:,.0f} s; one validation pass {p['eval_s']:,.1f} s"
     )
+
+
+def _projection(p: dict[str, Any], left: float) -> str:
+    return f"epoch not run ({max(left, 0):,.0f} s left of --timeout): {_measured(p)}"
 
 
 def _timeout_error(stdout: str | bytes | None, timeout: float) -> str:
@@ -298,11 +302,7 @@ def _timeout_error(stdout: str | bytes | None, timeout: float) -> str:
     error = f"no result within --timeout {timeout:g} s"
     if probes:
         p = json.loads(probes[-1].removeprefix("PROBE "))
-        error += (
-            f"; measured {p['step_s']:.2f} s/step x {p['steps_per_epoch']} steps = projected "
-            f"epoch {p['projected_epoch_s']:,.0f} s, validation pass {p['eval_s']:,.1f} s, "
-            f"peak RSS {p['peak_rss_mib']:,.0f} MiB after the probe"
-        )
+        error += f"; {_measured(p)}; peak RSS {p['peak_rss_mib']:,.0f} MiB after the probe"
     return error
 
 
