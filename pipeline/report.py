@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.atomic import atomic_path
 from pipeline.schemas import ID_ONLY
-from pipeline.significance import ReportConfig, Run
+from pipeline.significance import ReportConfig, Run, present_settings
 
 NO_FEATURES = "ID only / none"  # the column of the references: BPR, LightGCN, popularity...
 
@@ -44,7 +45,7 @@ def settings_table(
     """The paper's layout: one row per model, one column per feature setting (those with at
     least one run, in ``settings`` order), the best setting of each row in bold; then the
     ID-only runs and the non-learned ``baselines`` in their own column."""
-    columns = [s for s in settings if any(r.setting == s for r in runs)]
+    columns = present_settings(runs, settings)
     value = {(r.model, r.setting): r.metrics[metric] for r in runs if r.setting in columns}
     table = Table(["model", *columns, NO_FEATURES], [])
     for model in sorted({r.model for r in runs if r.setting in columns}):
@@ -209,6 +210,15 @@ def to_html(blocks: Sequence[Block], root: Path, title: str) -> str:
             out.append(f"<table><tr>{head}</tr>{''.join(body)}</table>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
+
+
+def write_report(blocks: Sequence[Block], out: Path, stem: str, title: str) -> None:
+    """``<stem>.md`` and the self-contained ``<stem>.html`` in ``out``, each written
+    atomically (images are read from ``out`` by their relative paths)."""
+    with atomic_path(out / f"{stem}.md") as tmp:
+        tmp.write_text(to_markdown(blocks))
+    with atomic_path(out / f"{stem}.html") as tmp:
+        tmp.write_text(to_html(blocks, out, title))
 
 
 def outcomes(rows: Sequence[dict]) -> list[dict]:

@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.atomic import atomic_path  # noqa: E402
-from pipeline.significance import Run, mean_ci  # noqa: E402
+from pipeline.significance import Run, mean_ci, present_settings  # noqa: E402
 
 CURVE_METRIC = "valid_recall@20"  # what early stopping watches, logged each epoch by dvclive
 
@@ -26,7 +26,7 @@ def _save(fig, path: Path) -> None:
 
 def bar_plot(runs: Sequence[Run], settings: Sequence[str], metric: str, path: Path) -> None:
     """Grouped bars: per model, the mean per-user ``metric`` of each setting with its 95% CI."""
-    columns = [s for s in settings if any(r.setting == s for r in runs)]
+    columns = present_settings(runs, settings)
     models = sorted({r.model for r in runs if r.setting in columns})
     by_key = {(r.model, r.setting): r for r in runs}
     width = 0.8 / max(len(columns), 1)
@@ -72,7 +72,7 @@ def curve_plot(
     cols = min(3, len(models))
     rows = -(-len(models) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
-    order = [s for s in settings if any(r.setting == s for r in runs)]
+    order = present_settings(runs, settings)
     order += sorted({r.setting for r in runs} - set(order))
     for ax, model in zip(axes.flat, models, strict=False):
         for k, setting in enumerate(order):

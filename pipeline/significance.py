@@ -40,6 +40,12 @@ def encoder_settings(encoder: str) -> list[str]:
     return ["cnn_st", f"{encoder}-pretrained", f"{encoder}-finetuned", f"e2e-{encoder}"]
 
 
+def present_settings(runs: Sequence[Run], settings: Sequence[str]) -> list[str]:
+    """The ``settings`` that at least one of ``runs`` was trained in, in their order."""
+    trained = {r.setting for r in runs}
+    return [s for s in settings if s in trained]
+
+
 @dataclass(frozen=True)
 class Run:
     """One trained recommender: its setting (feature set), model name and per-user results;
@@ -158,15 +164,12 @@ def paper_pairs(runs: Sequence[Run], encoder: str) -> list[tuple[str, Run, Run]]
 
 
 def compare(
-    pairs: Sequence[tuple[Run, Run]], cfg: ReportConfig, labels: Sequence[str] | None = None
+    pairs: Sequence[tuple[str, Run, Run]], cfg: ReportConfig
 ) -> list[dict[str, float | str | bool]]:
-    """Paired tests for each (a, b) pair and metric, Holm-corrected across the whole family;
-    ``labels`` (one per pair) name the comparison each row belongs to."""
-    labels = [""] * len(pairs) if labels is None else labels
-    if len(labels) != len(pairs):
-        raise ValueError(f"{len(labels)} labels for {len(pairs)} pairs")
+    """Paired tests for each (comparison label, a, b) and metric, Holm-corrected across the
+    whole family."""
     rows: list[dict] = []
-    for (a, b), label in zip(pairs, labels, strict=True):
+    for label, a, b in pairs:
         for metric in cfg.metrics:
             x, y = _aligned(a, b, metric)
             rows.append(

@@ -6,15 +6,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import write_json
 from pipeline.crosscompare import cross_pairs, load_source, merge, setting_order, source_label
 from pipeline.report import (
     comparisons_table,
     headline_text,
     outcomes,
     settings_table,
-    to_html,
-    to_markdown,
+    write_report,
 )
 from pipeline.significance import ReportConfig, compare, headline
 from stages.params import build
@@ -40,8 +39,7 @@ def run(params: dict[str, Any], dataset: str, revs: list[str], dirs: list[str], 
         raise ValueError(f"source labels must differ, got {labels}")
     entries = merge(sources)
     runs = [e.run for e in entries]
-    labelled = cross_pairs(entries)
-    rows = compare([(a, b) for _, a, b in labelled], cfg, [lab for lab, _, _ in labelled])
+    rows = compare(cross_pairs(entries), cfg)
     shares = headline(rows)
     settings = setting_order(entries)
     blocks: list = [
@@ -55,10 +53,7 @@ def run(params: dict[str, Any], dataset: str, revs: list[str], dirs: list[str], 
         blocks += [("h2", f"Test {metric}"), ("table", settings_table(runs, {}, settings, metric))]
     blocks += [("h2", "Headline"), ("p", headline_text(shares)), ("h2", "Paired tests")]
     blocks.append(("table", comparisons_table(rows)) if rows else ("p", "No pairable runs."))
-    with atomic_path(out / "compare.md") as tmp:
-        tmp.write_text(to_markdown(blocks))
-    with atomic_path(out / "compare.html") as tmp:
-        tmp.write_text(to_html(blocks, out, f"lmmrec comparison: {dataset}"))
+    write_report(blocks, out, "compare", f"lmmrec comparison: {dataset}")
     result = {
         "runs": {f"{r.setting}/{r.model}": dict(r.metrics) for r in runs},
         "headline": shares,

@@ -7,10 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import write_json
 from pipeline.baselines import BASELINES, evaluate_baseline
 from pipeline.interactions import load_interactions
-from pipeline.report import report_blocks, summary, to_html, to_markdown
+from pipeline.report import report_blocks, summary, write_report
 from pipeline.report_plots import bar_plot, curve_plot
 from pipeline.schemas import ID_ONLY
 from pipeline.significance import (
@@ -44,11 +44,12 @@ def run(params: dict[str, Any], interactions: Path, models: Path, out: Path) -> 
     baselines = {
         name: evaluate_baseline(name, data, "test", topk, seed).means for name in BASELINES
     }
-    labelled = paper_pairs(runs, encoder)
-    paper_rows = compare([(a, b) for _, a, b in labelled], cfg, [lab for lab, _, _ in labelled])
+    paper_rows = compare(paper_pairs(runs, encoder), cfg)
     references = [r for r in runs if r.setting == ID_ONLY]
-    pairs = [(r, ref) for r in runs if r.setting != ID_ONLY for ref in references]
-    reference_rows = compare(pairs, cfg, [f"vs {b.model}" for _, b in pairs])
+    pairs = [
+        (f"vs {ref.model}", r, ref) for r in runs if r.setting != ID_ONLY for ref in references
+    ]
+    reference_rows = compare(pairs, cfg)
     shares = headline(paper_rows)
 
     plots = []
@@ -63,10 +64,7 @@ def run(params: dict[str, Any], interactions: Path, models: Path, out: Path) -> 
         require(params, "dataset"), runs, baselines, settings, paper_rows, reference_rows,
         shares, cfg, full, plots,
     )  # fmt: skip
-    with atomic_path(out / "significance.md") as tmp:
-        tmp.write_text(to_markdown(blocks))
-    with atomic_path(out / "significance.html") as tmp:
-        tmp.write_text(to_html(blocks, out, f"lmmrec significance report: {params['dataset']}"))
+    write_report(blocks, out, "significance", f"lmmrec significance report: {params['dataset']}")
     result = summary(runs, baselines, paper_rows, reference_rows, shares)
     write_json(out / "summary.json", result)
     log.info(

@@ -49,8 +49,7 @@ def runs() -> list[Run]:
 
 
 def _paper_rows(runs: list[Run]) -> list[dict]:
-    labelled = paper_pairs(runs, "clip")
-    return compare([(a, b) for _, a, b in labelled], CFG, [label for label, _, _ in labelled])
+    return compare(paper_pairs(runs, "clip"), CFG)
 
 
 def test_paper_family_flags_the_known_effect_not_the_null_with_holm(runs):

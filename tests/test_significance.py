@@ -45,7 +45,10 @@ def test_compare_flags_a_real_effect_and_not_a_null():
     metrics = {"recall@20": base}
     ref = _run("bpr", metrics)
     rows = compare(
-        [(_run("good", {"recall@20": better}), ref), (_run("null", {"recall@20": same}), ref)],
+        [
+            ("", _run("good", {"recall@20": better}), ref),
+            ("", _run("null", {"recall@20": same}), ref),
+        ],
         ReportConfig(alpha=0.05, metrics=("recall@20",)),
     )
     assert [r["significant"] for r in rows] == [True, False]
@@ -56,4 +59,4 @@ def test_compare_refuses_runs_on_different_users():
     a = _run("a", {"recall@20": np.ones(3)}, users=np.array([0, 1, 2], dtype=np.int32))
     b = _run("b", {"recall@20": np.ones(3)}, users=np.array([0, 1, 3], dtype=np.int32))
     with pytest.raises(ValueError, match="different users"):
-        compare([(a, b)], ReportConfig(metrics=("recall@20",)))
+        compare([("", a, b)], ReportConfig(metrics=("recall@20",)))
