@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -63,6 +64,10 @@ class Encoder(nn.Module, ABC):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_sha256: str | None = None
+    # what ``freeze_lower_layers`` reads: parameter-name prefixes of the input embeddings and a
+    # pattern whose group 1 is the transformer block index (empty: the family cannot freeze)
+    embedding_prefixes: ClassVar[tuple[str, ...]] = ()
+    block_pattern: ClassVar[str] = ""
 
     @property
     @abstractmethod
@@ -129,6 +134,28 @@ class Encoder(nn.Module, ABC):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters fine-tuning updates (default: all that require grad)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def freeze_lower_layers(self, n: int) -> int:
+        """Stop training the input embeddings and the lowest ``n`` transformer blocks of every
+        tower (``n`` = 0 freezes nothing); returns the number of parameter tensors frozen."""
+        if n == 0:
+            return 0
+        if not self.block_pattern:
+            raise ValueError(f"encoder {self.name!r} has no transformer blocks to freeze")
+        blocks = {
+            name: int(m.group(1))
+            for name, _ in self.named_parameters()
+            if (m := re.search(self.block_pattern, name))
+        }
+        depth = max(blocks.values()) + 1
+        if not 0 <= n <= depth:
+            raise ValueError(f"freeze_layers = {n}; {self.name} {self.arch} has 0..{depth} blocks")
+        frozen = 0
+        for name, param in self.named_parameters():
+            if name.startswith(self.embedding_prefixes) or blocks.get(name, depth) < n:
+                param.requires_grad_(False)
+                frozen += 1
+        return frozen
 
     @property
     def device(self) -> torch.device:

@@ -58,6 +58,12 @@ def _quiet_random_init() -> Iterator[None]:
 class ClipEncoder(Encoder):
     """An open_clip ``CLIP`` model with its tokenizer and its evaluation image transform."""
 
+    embedding_prefixes = (
+        "model.visual.conv1.", "model.visual.class_embedding", "model.visual.positional_embedding",
+        "model.visual.ln_pre.", "model.token_embedding.", "model.positional_embedding",
+    )  # fmt: skip
+    block_pattern = r"transformer\.resblocks\.(\d+)\."
+
     def __init__(
         self,
         model: torch.nn.Module,

@@ -105,6 +105,12 @@ def bert_tokenizer() -> PreTrainedTokenizerBase:
 class VlmoEncoder(Encoder):
     """A ``VlmoModel`` with the BERT tokenizer, the evaluation transform and the objective."""
 
+    embedding_prefixes = (
+        "model.text_embeddings.", "model.token_type_embeddings.", "model.transformer.cls_token",
+        "model.transformer.patch_embed.", "model.transformer.pos_embed",
+    )  # fmt: skip
+    block_pattern = r"transformer\.blocks\.(\d+)\."
+
     def __init__(
         self,
         model: VlmoModel,

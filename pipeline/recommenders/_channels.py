@@ -62,6 +62,13 @@ class ChannelRecommender(GraphRecommender):
             nn.init.xavier_uniform_(layer.weight)
         self.register_buffer("adjacency", to_csr(normalized_adjacency(data)), persistent=False)
 
+    def set_item_features(self, features: ItemFeatures) -> None:
+        """Read ``features`` (L2-normalised) from now on."""
+        self.check_features(features, self.modalities)
+        for name in self.modalities:
+            setattr(self, f"{name}_features", F.normalize(getattr(features, name).float(), dim=1))
+        self.forget()
+
     @property
     def n_channels(self) -> int:
         """ID channel + one per present modality."""

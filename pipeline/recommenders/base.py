@@ -168,6 +168,31 @@ class Recommender(nn.Module, ABC):
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """Scores of ``users`` [B] against every item, [B, n_items] (higher ranks first)."""
 
+    def set_item_features(self, features: ItemFeatures) -> None:
+        """Read ``features`` from now on, through the model's own transform (end-to-end
+        training passes tensors whose fresh rows carry the encoder's gradients)."""
+        raise NotImplementedError(f"{self.name} cannot swap its item features")
+
+    def check_features(self, features: ItemFeatures, modalities: tuple[str, ...]) -> None:
+        """Raise unless ``features`` has this model's items and exactly ``modalities``."""
+        present = tuple(m for m in ("image", "text") if getattr(features, m) is not None)
+        if features.n_items != self.n_items or sorted(present) != sorted(modalities):
+            raise ValueError(
+                f"{self.name}: new features have {features.n_items} items and {present}, "
+                f"the model was built for {self.n_items} items and {modalities}"
+            )
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """The optimiser's parameter groups (one group at ``lr`` unless a model says more)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad], "lr": lr}]
+
+    def after_step(self) -> None:
+        """Called after every optimiser step (end-to-end training updates its memory bank)."""
+
+    def saved_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What ``model.pt`` keeps of a state dict (everything unless a model saves elsewhere)."""
+        return state
+
 
 class GraphRecommender(Recommender):
     """A recommender whose embeddings come from one full-graph pass, ``forward()``.

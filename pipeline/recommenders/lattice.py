@@ -171,6 +171,20 @@ class LATTICE(GraphRecommender):
         self._graph = None
         super().forget()
 
+    def set_item_features(self, features: ItemFeatures) -> None:
+        """Read ``features`` from now on; the learned graph is rebuilt from them at the next
+        batch (so end to end every batch's gradient reaches the encoder). The fixed graph
+        stays the one mined from the features the model was built with."""
+        if self.config.train_features:
+            raise ValueError(
+                "lattice: train_features must be false when its features come from elsewhere "
+                "(end to end the encoder trains them)"
+            )
+        self.check_features(features, tuple(self.modalities))
+        for m in self.modalities:
+            setattr(self, f"{m}_features", getattr(features, m).float())
+        self.forget()
+
     def item_graph(self) -> torch.Tensor:
         """The item-item graph [N, N] from the current weights: sparse, at most
         2 * knn_k * N entries per modality; differentiable in the projections and weights."""

@@ -151,6 +151,13 @@ class MMGCN(GraphRecommender):
                 self.register_buffer(f"{name}_features", tensor.float(), persistent=False)
                 self.gcns[name] = ModalityGCN(self.n_users, tensor.shape[1], latent, config)
 
+    def set_item_features(self, features: ItemFeatures) -> None:
+        """Read ``features`` from now on."""
+        self.check_features(features, tuple(self.gcns))
+        for name in self.gcns:
+            setattr(self, f"{name}_features", getattr(features, name).float())
+        self.forget()
+
     def forward(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Representations of users then items, [(U + I), d] (or of ``rows`` only, [R, d]):
         the mean over modalities."""

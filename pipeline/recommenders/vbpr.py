@@ -49,6 +49,12 @@ class VBPR(Recommender):
         nn.init.xavier_uniform_(self.item_embedding)
         nn.init.xavier_normal_(self.item_linear.weight)
         nn.init.zeros_(self.item_linear.bias)
+        self.modalities = tuple(m for m in ("image", "text") if getattr(features, m) is not None)
+
+    def set_item_features(self, features: ItemFeatures) -> None:
+        """Read ``features`` (concatenated, text first) from now on."""
+        self.check_features(features, self.modalities)
+        self.item_features = features.concat()
 
     def item_representation(self, items: torch.Tensor | None = None) -> torch.Tensor:
         """[ID embedding ; projected features] of ``items`` (all items if None), [*, 2d]."""
