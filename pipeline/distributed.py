@@ -63,24 +63,70 @@ def world() -> Iterator[World]:
         dist.destroy_process_group()
 
 
-def gather_rows(part: np.ndarray, world: World, n: int) -> np.ndarray | None:
+def gather_variable(part: torch.Tensor, world: World) -> list[torch.Tensor]:
+    """Every rank's ``part`` ([n_r, ...], n_r may differ between ranks), in rank order, on
+    every rank. Parts are padded to one size, so one collective call moves them all."""
+    if world.size == 1:
+        return [part]
+    lengths = torch.zeros(world.size, dtype=torch.int64, device=part.device)
+    lengths[world.rank] = len(part)
+    dist.all_reduce(lengths)
+    padded = part.new_zeros((int(lengths.max()), *part.shape[1:]))
+    padded[: len(part)] = part
+    gathered = [torch.empty_like(padded) for _ in range(world.size)]
+    dist.all_gather(gathered, padded)
+    return [g[:k] for g, k in zip(gathered, lengths.tolist(), strict=True)]
+
+
+def _collective_device(world: World) -> torch.device:
+    return (
+        torch.device("cuda", world.local_rank)
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
+
+
+def gather_rows(
+    part: np.ndarray, world: World, n: int, everywhere: bool = False
+) -> np.ndarray | None:
     """The ranks' row shards ([n_r, D], rank r holding ``world.shard(n)``) stacked in rank
-    order into [n, D] on rank 0 (None on the others). Shards are padded to one size, so one
-    collective call moves them all."""
+    order into [n, D] on rank 0 (None on the others, unless ``everywhere``)."""
     if world.size == 1:
         return part
-    shards = [World(r, world.size).shard(n) for r in range(world.size)]
-    lengths = [s.stop - s.start for s in shards]
-    if len(part) != lengths[world.rank]:
+    expected = world.shard(n)
+    if len(part) != expected.stop - expected.start:
         raise ValueError(
-            f"rank {world.rank} holds {len(part)} rows, its shard is {lengths[world.rank]}"
+            f"rank {world.rank} holds {len(part)} rows, its shard is "
+            f"{expected.stop - expected.start}"
         )
-    padded = np.zeros((max(lengths), *part.shape[1:]), dtype=part.dtype)
-    padded[: len(part)] = part
-    device = torch.device("cuda", world.local_rank) if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.from_numpy(padded).to(device)
-    gathered = [torch.empty_like(tensor) for _ in range(world.size)]
-    dist.all_gather(gathered, tensor)
-    if not world.is_main:
+    parts = gather_variable(torch.from_numpy(part).to(_collective_device(world)), world)
+    if not (world.is_main or everywhere):
         return None
-    return np.concatenate([g.cpu().numpy()[:k] for g, k in zip(gathered, lengths, strict=True)])
+    return np.concatenate([p.cpu().numpy() for p in parts])
+
+
+def sum_gradients(params: list[torch.Tensor], world: World) -> None:
+    """Sum each parameter's gradient over the ranks, in place (what DDP does after backward);
+    a gradient that no rank computed stays None, as in a single process."""
+    if world.size == 1 or not params:
+        return
+    flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    grads = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                       for p in params])  # fmt: skip
+    device = _collective_device(world)
+    flags, grads = flags.to(device), grads.to(device)
+    dist.all_reduce(flags)
+    dist.all_reduce(grads)
+    for p, flag, g in zip(params, flags.tolist(), grads.split([p.numel() for p in params]),
+                          strict=True):  # fmt: skip
+        if flag > 0:
+            p.grad = g.view_as(p).to(p.device).clone()
+
+
+def sum_scalar(value: torch.Tensor, world: World) -> torch.Tensor:
+    """``value`` summed over the ranks (itself in a single process)."""
+    if world.size == 1:
+        return value
+    total = value.detach().to(_collective_device(world)).clone()
+    dist.all_reduce(total)
+    return total.to(value.device)

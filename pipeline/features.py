@@ -102,6 +102,7 @@ def _extract_images(
         shuffle=False,
         num_workers=cfg.num_workers,
         pin_memory=device.type == "cuda",
+        generator=torch.Generator(),  # its own: iterating must not draw from the global one
     )
     out = []
     with tqdm(total=len(blobs), desc="image features", unit="item", disable=None) as bar:
@@ -137,6 +138,7 @@ def extract_features(
     cfg: ExtractConfig = ExtractConfig(),
     images: bool = True,
     world: World | None = None,
+    everywhere: bool = False,
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Encode every item's ``image_bytes`` and ``text``: image [N, D_i], text [N, D_t] float32.
 
@@ -145,7 +147,7 @@ def extract_features(
     ``images=False`` only texts are encoded and the image result is None (for image features
     that come from elsewhere, such as Amazon's published CNN features). Under torchrun
     (``world.size`` > 1) each rank encodes its shard of the items and rank 0 gets them all;
-    the other ranks get (None, None).
+    the other ranks get (None, None), or all of them too with ``everywhere``.
     """
     world = world or World()
     if cfg.batch_size < 1 or cfg.num_workers < 0:
@@ -170,8 +172,8 @@ def extract_features(
     finally:
         encoder.train(was_training)
     if world.size > 1:
-        image = None if image is None else gather_rows(image, world, n)
-        text = gather_rows(text, world, n)
+        image = None if image is None else gather_rows(image, world, n, everywhere)
+        text = gather_rows(text, world, n, everywhere)
     seconds = time.perf_counter() - start
     where = f" (rank {world.rank} of {world.size}: items {rows.start}-{rows.stop - 1})"
     log.info(

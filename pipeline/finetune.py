@@ -14,6 +14,7 @@ import logging
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.distributed import World
 from pipeline.encoders.base import Encoder
 from pipeline.encoders.pairtrain import STOP_METRIC, PairTrainConfig, train_pairs
 
@@ -30,7 +31,13 @@ def item_pairs(items: pa.Table) -> tuple[list[Image.Image], list[str]]:
     return images, keep.column("text").to_pylist()
 
 
-def finetune(encoder: Encoder, items: pa.Table, cfg: PairTrainConfig, dataset: str) -> dict:
+def finetune(
+    encoder: Encoder,
+    items: pa.Table,
+    cfg: PairTrainConfig,
+    dataset: str,
+    world: World | None = None,
+) -> dict:
     """Fine-tune ``encoder`` in place on ``items``; returns the metrics and the history.
 
     The encoder's ``pretrained`` tag gains ``+finetuned:<dataset>`` and its ``source`` says
@@ -40,7 +47,7 @@ def finetune(encoder: Encoder, items: pa.Table, cfg: PairTrainConfig, dataset: s
     images, texts = item_pairs(items)
     n_skipped = items.num_rows - len(images)
     log.info("fine-tuning on %d items' pairs (%d without an image skipped)", len(images), n_skipped)
-    history = train_pairs(encoder, images, texts, cfg)
+    history = train_pairs(encoder, images, texts, cfg, world)
     kept = history["best_epoch"][0] if "best_epoch" in history else len(history["loss"])
     recalls = [k.removeprefix("valid_") for k in history if k.startswith("valid_")]
     metrics = {

@@ -20,7 +20,8 @@ import pickle
 import random
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from scmrepo.exceptions import SCMError
 from tqdm import tqdm
 
 from pipeline.atomic import atomic_path, write_json
+from pipeline.distributed import World, sum_gradients, sum_scalar
 from pipeline.evaluation import METRICS, EvalResult, check_topk, evaluate
 from pipeline.interactions import InteractionData
 from pipeline.recommenders import get_recommender
@@ -53,6 +55,7 @@ class TrainConfig:
 
     lr: float = 1e-3  # Adam learning rate
     batch_size: int = 2048  # (user, pos, neg) triples per step
+    grad_accum: int = 1  # micro-batches per step (under torchrun the processes share them)
     max_epochs: int = 1000
     patience: int = 8  # evaluations without gain on valid_metric tolerated before stopping
     eval_every: int = 1  # epochs between validation evaluations (the last epoch always is one)
@@ -63,7 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_epochs", "eval_every", "eval_batch_size"):
+        for name in ("batch_size", "grad_accum", "max_epochs", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}; use at least 1")
         if self.patience < 0:
@@ -123,6 +126,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def micro_batches(n: int, cfg: TrainConfig, world: World) -> list[torch.Tensor]:
+    """This process's micro-batches of a batch of ``n`` triples: the batch is cut into
+    ``grad_accum`` near-equal parts and the processes take contiguous shares of them, so the
+    parts, hence the results, do not depend on the number of processes."""
+    parts = torch.arange(n).tensor_split(cfg.grad_accum)
+    return [p for p in parts[world.shard(cfg.grad_accum)] if len(p)]
+
+
 def _train_epoch(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
@@ -130,19 +141,28 @@ def _train_epoch(
     cfg: TrainConfig,
     epoch: int,
     device: torch.device,
+    world: World,
 ) -> float:
-    """One pass over the train pairs; returns the mean batch loss."""
+    """One pass over the train pairs; returns the mean batch loss. With several micro-batches
+    each one's loss is weighted by its share of the batch and the gradients are summed (over
+    the processes too), so a step sees the gradient of the size-weighted mean loss."""
     model.train()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     total = torch.zeros((), device=device)
     n_batches = 0
     for users, pos, neg in epoch_batches(data, cfg.batch_size, cfg.seed, epoch):
-        loss = model.loss(users.to(device), pos.to(device), neg.to(device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        for part in micro_batches(len(users), cfg, world):
+            loss = model.loss(users[part].to(device), pos[part].to(device), neg[part].to(device))
+            if len(part) < len(users):
+                loss = loss * (len(part) / len(users))
+            loss.backward()
+            total += loss.detach()
+        sum_gradients(params, world)
         optimizer.step()
-        total += loss.detach()
+        model.after_step()
         n_batches += 1
-    mean = (total / n_batches).item()
+    mean = (sum_scalar(total, world) / n_batches).item()
     if not math.isfinite(mean):
         raise NonFiniteLossError(
             f"{model.name}: training loss is {mean} at epoch {epoch} (lr={cfg.lr}, "
@@ -203,8 +223,10 @@ _CODE = ("training", "sampling", "evaluation", "losses", "graph", "interactions"
 
 
 def _code_digest(model: Recommender) -> str:
-    """Hash of the model's source file and of the shared modules training runs through."""
-    modules = [sys.modules[type(model).__module__], sys.modules[Recommender.__module__]]
+    """Hash of the source files of the model and its parts (an end-to-end model's recommender
+    and encoder) and of the shared modules training runs through."""
+    own = sorted({type(m).__module__ for m in model.modules()} | {Recommender.__module__})
+    modules = [sys.modules[name] for name in own if name.startswith("pipeline.")]
     modules += [importlib.import_module(f"pipeline.{name}") for name in _CODE]
     sources = [Path(inspect.getfile(m)).read_bytes() for m in modules]
     return _digest(np.frombuffer(source, dtype=np.uint8) for source in sources)
@@ -223,7 +245,7 @@ def run_fingerprint(
         "model": model.name,
         "model_config": _config_fields(model.config),
         "train_config": _config_fields(cfg),
-        "device": str(device),
+        "device": device.type,
         "data": f"{data.n_users}x{data.n_items}:"
         + _digest(a for m in matrices for a in (m.indptr, m.indices)),
         "model_tensors": _digest([names, *(tensor for _, tensor in named)]),
@@ -315,6 +337,7 @@ def train(
     cfg: TrainConfig,
     out_dir: str | Path,
     checkpoint_path: str | Path | None = None,
+    world: World | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with early stopping on validation, test the best epoch once, and write
     ``metrics.json``, ``per_user.parquet``, ``model.pt`` (atomically) and a dvclive log.
@@ -326,19 +349,30 @@ def train(
     is ignored with a warning and overwritten). The checkpoint is deleted once the outputs
     are written. Keep it outside ``out_dir`` when DVC clears the outputs before a run.
 
+    Under torchrun (``world``) every process trains on its micro-batches of each batch (see
+    ``micro_batches``), the gradients are summed over the processes and every process
+    evaluates; only rank 0 writes the outputs, the checkpoint and the log.
+
     Returns the metrics written to ``metrics.json``: the test means ("recall@10" ...
     "map@50"), ``valid_<valid_metric>`` of the best epoch, ``best_epoch`` and ``epochs``
     (1-based counts) and ``seconds`` (wall-clock, training + evaluations, summed over the
     processes of a resumed run).
     """
+    world = world or World()
+    if cfg.grad_accum < world.size:
+        raise ValueError(
+            f"grad_accum = {cfg.grad_accum} with {world.size} processes: each process needs "
+            f"a micro-batch, so use grad_accum >= {world.size} (a multiple keeps them even)"
+        )
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = world.device(resolve_device(cfg.device))
     seed_everything(cfg.seed)
     checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     fingerprint = None if checkpoint_path is None else run_fingerprint(model, data, cfg, device)
     model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s (%d parameters) on %s: %s", model.name, n_params, device, cfg)
 
@@ -352,14 +386,19 @@ def train(
         log.info("resuming %s after epoch %d from %s", model.name, progress.epoch, checkpoint_path)
 
     started = time.perf_counter()
-    with open_live(out_dir / DVCLIVE_DIR) as live:
+    with open_live(out_dir / DVCLIVE_DIR) if world.is_main else _NoLive() as live:
         for row in progress.history:
             _log_step(live, row)
-        bar = tqdm(total=cfg.max_epochs, initial=progress.epoch, desc=model.name, disable=None)
+        bar = tqdm(
+            total=cfg.max_epochs,
+            initial=progress.epoch,
+            desc=model.name,
+            disable=None if world.is_main else True,
+        )
         while progress.epoch < cfg.max_epochs and progress.stale <= cfg.patience:
             epoch = progress.epoch + 1
             epoch_start = time.perf_counter()
-            row = {"loss": _train_epoch(model, optimizer, data, cfg, epoch, device)}
+            row = {"loss": _train_epoch(model, optimizer, data, cfg, epoch, device, world)}
             evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs
             if evaluated:
                 valid = _evaluate(model, data, "valid", cfg, device).means
@@ -388,7 +427,7 @@ def train(
             progress.history.append(row)
             progress.epoch = epoch
             bar.update()
-            if evaluated and checkpoint_path is not None:
+            if evaluated and checkpoint_path is not None and world.is_main:
                 elapsed = time.perf_counter() - started
                 saved = dataclasses.replace(progress, seconds=progress.seconds + elapsed)
                 _save_checkpoint(checkpoint_path, fingerprint, saved, model, optimizer)
@@ -407,9 +446,11 @@ def train(
         epochs=progress.epoch,
         seconds=progress.seconds + time.perf_counter() - started,
     )
+    if not world.is_main:
+        return metrics
     test.write_parquet(out_dir / PER_USER_FILE)
     with atomic_path(out_dir / MODEL_FILE) as tmp:
-        torch.save(progress.best_state, tmp)
+        torch.save(model.saved_state(progress.best_state), tmp)
     write_json(out_dir / METRICS_FILE, metrics)
     if checkpoint_path is not None:
         checkpoint_path.unlink(missing_ok=True)
@@ -429,17 +470,25 @@ def train_recommender(
     """Seed, build the registered recommender ``name`` and ``train`` it (what the stage runs);
     ``checkpoint_path`` makes the run resumable (see ``train``).
 
-    Runs with torch's deterministic algorithms (warn-only where none exists): multithreaded
-    CPU gradient accumulation otherwise made LATTICE's metrics differ between identical runs.
+    Runs under ``deterministic()``.
     """
+    with deterministic():
+        seed_everything(cfg.seed)
+        model = get_recommender(name).build(data, features, model_config)
+        return train(model, data, cfg, out_dir, checkpoint_path)
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Torch's deterministic algorithms (warn-only where none exists) inside the block:
+    multithreaded CPU gradient accumulation otherwise made LATTICE's metrics differ between
+    identical runs."""
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        seed_everything(cfg.seed)
-        model = get_recommender(name).build(data, features, model_config)
-        return train(model, data, cfg, out_dir, checkpoint_path)
+        yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])

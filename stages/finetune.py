@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.atomic import write_json
+from pipeline.distributed import world
 from pipeline.encoders import get_encoder, list_encoders
 from pipeline.encoders.pairtrain import PairTrainConfig
 from pipeline.finetune import finetune
@@ -27,12 +28,17 @@ def settings(section: dict[str, Any], encoder: str) -> dict[str, Any]:
 
 
 def run(params: dict[str, Any], items: Path, weights: Path, out: Path, metrics: Path) -> dict:
-    """Fine-tune the weights in ``weights`` on ``items``; write ``out`` and ``metrics``."""
+    """Fine-tune the weights in ``weights`` on ``items``; write ``out`` and ``metrics``. Under
+    ``torchrun --nproc_per_node N`` the processes share each step's micro-batches
+    (``finetune.grad_accum`` >= N) and rank 0 writes."""
     name = require(params, "encoder", list_encoders())
     dataset = require(params, "dataset")
     cfg = build(PairTrainConfig, settings(params.get("finetune") or {}, name), "finetune")
     encoder = get_encoder(name).load(weights)
-    result = finetune(encoder, read_table(items, ITEMS, "items"), cfg, dataset)
+    with world() as current:
+        result = finetune(encoder, read_table(items, ITEMS, "items"), cfg, dataset, current)
+    if not current.is_main:
+        return result
     encoder.save(out)
     write_json(metrics, {"encoder": name, "pretrained": encoder.pretrained, **result})
     log.info(

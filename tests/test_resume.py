@@ -88,10 +88,10 @@ def interrupt_after(monkeypatch, epoch: int) -> None:
     """Make the trainer die when it starts epoch ``epoch + 1``."""
     original = training._train_epoch
 
-    def train_epoch(model, optimizer, data, cfg, current, device):
+    def train_epoch(model, optimizer, data, cfg, current, *rest):
         if current == epoch + 1:
             raise Interrupted
-        return original(model, optimizer, data, cfg, current, device)
+        return original(model, optimizer, data, cfg, current, *rest)
 
     monkeypatch.setattr(training, "_train_epoch", train_epoch)
 

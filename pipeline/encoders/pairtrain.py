@@ -24,6 +24,7 @@ from PIL import Image
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from pipeline.distributed import World, sum_gradients
 from pipeline.encoders.base import (
     Encoder,
     Tokens,
@@ -99,7 +100,13 @@ def normalise(pixels: torch.Tensor, encoder: Encoder) -> torch.Tensor:
 
 def augment(x: torch.Tensor, cfg: PairTrainConfig, gen: torch.Generator) -> torch.Tensor:
     """Per-image random resized crop (area in [min_crop_scale, 1]) and flip, as one affine warp."""
-    b = x.shape[0]
+    theta = warps(x.shape[0], cfg, gen)
+    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def warps(b: int, cfg: PairTrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """``b`` random crop-and-flip affine matrices [b, 2, 3] drawn from ``gen``."""
     side = torch.sqrt(torch.empty(b).uniform_(cfg.min_crop_scale, 1.0, generator=gen))
     shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * (1 - side)[:, None]
     flip = torch.ones(b)
@@ -108,8 +115,7 @@ def augment(x: torch.Tensor, cfg: PairTrainConfig, gen: torch.Generator) -> torc
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 1, 1] = side * flip, side
     theta[:, :, 2] = shift
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return theta
 
 
 def _param_groups(encoder: Encoder, weight_decay: float) -> list[dict]:
@@ -186,6 +192,7 @@ def train_pairs(
     images: Sequence[Image.Image],
     texts: Sequence[str],
     cfg: PairTrainConfig = PairTrainConfig(),
+    world: World | None = None,
 ) -> dict[str, list[float]]:
     """Train ``encoder`` in place on (image, text) pairs with its own ``pair_losses``.
 
@@ -194,12 +201,23 @@ def train_pairs(
     is the score before training. With ``patience`` the encoder ends at its best epoch,
     recorded as ``best_epoch`` (0: training never beat the starting weights).
     Leaves the encoder on the CPU in eval mode.
+
+    Under torchrun (``world``) the processes take contiguous shares of each step's
+    ``grad_accum`` micro-batches and sum their gradients: the same steps as one process
+    (losses that draw from torch's global generator, such as VLMo's masking, draw per
+    process). The logged losses are those of this process's micro-batches.
     """
+    world = world or World()
     if len(images) != len(texts):
         raise ValueError(f"{len(images)} images but {len(texts)} texts")
     cfg.check(len(images))
+    if cfg.grad_accum < world.size:
+        raise ValueError(
+            f"grad_accum = {cfg.grad_accum} with {world.size} processes: each process takes "
+            f"whole micro-batches, so use grad_accum >= {world.size}"
+        )
     seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = world.device(resolve_device(cfg.device))
     encoder.to(device)
     pixels = image_pixels(images, encoder.image_size)  # [N, 3, S, S] uint8
     tokens = encoder.tokenize(list(texts))
@@ -237,12 +255,17 @@ def train_pairs(
         encoder.train()
         start, parts = time.perf_counter(), {}
         perm = train[torch.randperm(len(train), generator=gen)]
-        bar = tqdm(range(steps_per_epoch), desc=f"image-text {epoch}/{cfg.epochs}", disable=None)
+        desc = f"image-text {epoch}/{cfg.epochs}"
+        bar = tqdm(range(steps_per_epoch), desc=desc, disable=None if world.is_main else True)
+        mine = range(cfg.grad_accum)[world.shard(cfg.grad_accum)]
         for step in bar:
             opt.zero_grad(set_to_none=True)
             for m in range(cfg.grad_accum):
                 at = (step * cfg.grad_accum + m) * micro
                 idx = perm[at : at + micro]
+                if m not in mine:
+                    warps(len(idx), cfg, gen)  # keep the augmentation draws in step
+                    continue
                 x = augment(normalise(pixels[idx].to(device), encoder), cfg, gen)
                 with autocast(device, cfg.precision):
                     losses = encoder.pair_losses(x, to_device(select_tokens(tokens, idx), device))
@@ -256,6 +279,7 @@ def train_pairs(
                 for name, value in {"loss": loss, **losses}.items():
                     key = name if name == "loss" else f"loss_{name}"
                     parts.setdefault(key, []).append(value.item())
+            sum_gradients([p for g in opt.param_groups for p in g["params"]], world)
             opt.step()
             sched.step()
             bar.set_postfix(loss=f"{parts['loss'][-1]:.3f}")
