@@ -18,8 +18,8 @@ from stages.params import DEFAULT_PARAMS, load_params
 
 app = typer.Typer(
     help="lmmrec: large multi-modal encoders for recommendation, as a DVC pipeline.\n\n"
-    "Stage commands (download, preprocess, weights, finetune, extract, train, report) are what "
-    "dvc.yaml runs; normally you run `dvc repro` instead. Inspection: `features show`, "
+    "Stage commands (download, preprocess, weights, finetune, extract, train, e2e, report) are "
+    "what dvc.yaml runs; normally you run `dvc repro` instead. Inspection: `features show`, "
     "`features neighbours`, `features compare`, `recommend`, `stats`; across experiments: "
     "`compare`.",
     no_args_is_help=True,
@@ -145,6 +145,35 @@ def train(
 
     with _user_errors():
         stage.run(load_params(params), model, feature_set, interactions, features, out, checkpoint)
+
+
+@app.command()
+def e2e(
+    model: Annotated[str, typer.Option(help="Registered multimodal recommender, e.g. vbpr.")],
+    items: Annotated[Path, typer.Option(help="Processed items.parquet (images and texts).")],
+    interactions: Annotated[Path, typer.Option(help="Processed interactions.parquet.")],
+    weights: Annotated[Path, typer.Option(help="Pretrained LMM weights folder to start from.")],
+    out: Out,
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint to resume an interrupted run from (deleted when done)."),
+    ] = None,
+    init: Annotated[
+        Path | None,
+        typer.Option(
+            help="model.pt of the model's run on the pretrained features (the warm "
+            "start that e2e.warm_start asks for)."
+        ),
+    ] = None,
+    params: Params = DEFAULT_PARAMS,
+) -> None:
+    """Train one recommender jointly with the LMM from raw items (memory bank of features);
+    writes the run's metrics, per-user results, model.pt and the trained encoder/. Runs
+    under `torchrun --nproc_per_node N -m stages.cli e2e ...` too."""
+    from stages import e2e as stage
+
+    with _user_errors():
+        stage.run(load_params(params), model, items, interactions, weights, out, checkpoint, init)
 
 
 @app.command()

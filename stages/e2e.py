@@ -1,0 +1,78 @@
+"""e2e stage: one recommender trained jointly with the params' LMM from raw item images and
+texts, starting from the pretrained weights (the feature store is never read)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.distributed import world
+from pipeline.e2e import E2EConfig, train_end_to_end
+from pipeline.encoders import list_encoders, load_encoder, read_card
+from pipeline.interactions import load_interactions
+from pipeline.recommenders import get_recommender
+from pipeline.schemas import ITEMS, read_table
+from stages.params import ParamsError, build, require
+from stages.train import train_config
+
+log = logging.getLogger(__name__)
+
+OVERRIDES = ("train", "recommenders")  # e2e sub-sections that override the shared sections
+
+
+def settings(params: dict[str, Any], model: str) -> tuple[E2EConfig, Any, dict[str, Any]]:
+    """The e2e config, the training config (``train`` overridden by ``e2e.train``) and the
+    model's config (``recommenders.<model>`` overridden by ``e2e.recommenders.<model>``)."""
+    section = params.get("e2e") or {}
+    if not isinstance(section, dict):
+        raise ParamsError(f"params.yaml: e2e should be a mapping, got {section!r}")
+    cfg = build(E2EConfig, {k: v for k, v in section.items() if k not in OVERRIDES}, "e2e")
+    train = {**(params.get("train") or {}), **(section.get("train") or {})}
+    train_cfg = train_config({**params, "train": train})
+    shared = require(params, "recommenders").get(model) or {}
+    own = (section.get("recommenders") or {}).get(model) or {}
+    return cfg, train_cfg, {**shared, **own}
+
+
+def run(
+    params: dict[str, Any],
+    model: str,
+    items: Path,
+    interactions: Path,
+    weights: Path,
+    out: Path,
+    checkpoint: Path | None = None,
+    init: Path | None = None,
+) -> dict:
+    """Train ``model`` end to end with the encoder in ``weights``; write ``out``. With
+    ``e2e.warm_start`` the recommender starts from ``init`` (its run on the pretrained
+    features). Under ``torchrun --nproc_per_node N`` the processes share each batch and rank
+    0 writes."""
+    name = require(params, "encoder", list_encoders())
+    card = read_card(weights)
+    if card["encoder"] != name:
+        raise ParamsError(f"encoder = {name!r}, but {weights} holds {card['encoder']!r} weights")
+    if not get_recommender(model).uses_features:
+        raise ParamsError(f"{model} is ID-only: there is no encoder to train with it")
+    cfg, train_cfg, model_config = settings(params, model)
+    state = None
+    if cfg.warm_start:
+        if init is None or not init.is_file():
+            raise ParamsError(
+                f"e2e.warm_start is true, but the recommender state --init {init} does not exist "
+                "(train the model on the pretrained features first, or set it false)"
+            )
+        state = torch.load(init, map_location="cpu", weights_only=True)
+    data = load_interactions(interactions)
+    table = read_table(items, ITEMS, "items")
+    encoder = load_encoder(weights)
+    with world() as current:
+        metrics = train_end_to_end(
+            model, data, encoder, table, model_config, cfg, train_cfg, out, checkpoint, current,
+            state,
+        )  # fmt: skip
+    log.info("%s end to end with %s: %s", model, name, metrics)
+    return metrics

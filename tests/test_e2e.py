@@ -1,0 +1,186 @@
+"""End-to-end training: the recommendation loss trains the encoder, the memory bank holds the
+other items, and the run writes the same outputs as a cached-feature run."""
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from graphs import clustered
+from tables import make_items
+
+from pipeline.e2e import ENCODER_DIR, E2EConfig, build_end_to_end, train_end_to_end
+from pipeline.encoders import load_encoder
+from pipeline.encoders.clip import ClipEncoder
+from pipeline.encoders.vlmo import VlmoEncoder
+from pipeline.features import ExtractConfig, extract_features
+from pipeline.training import TrainConfig
+
+MODELS = ["vbpr", "mmgcn", "mmgcl", "slmrec", "lattice"]
+CONFIGS = {"lattice": {"train_features": False}}
+N_ITEMS = 24
+CPU = torch.device("cpu")
+FAST = E2EConfig(encoder_lr=1e-3)
+
+
+def _model(name: str, cfg: E2EConfig = FAST, encoder=None):
+    torch.manual_seed(0)
+    data = clustered(30, N_ITEMS, 6, 3)
+    encoder = encoder or ClipEncoder.tiny()
+    model = build_end_to_end(name, data, encoder, make_items(N_ITEMS), CONFIGS.get(name), cfg, CPU)
+    return model, encoder
+
+
+def _step(model) -> torch.Tensor:
+    """One optimiser step on a fixed batch, as the trainer takes it; returns the batch's items."""
+    optimizer = torch.optim.Adam(model.param_groups(1e-3))
+    model.train()
+    users, pos, neg = (
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([5, 7, 9, 3]),
+    )
+    model.loss(users, pos, neg).backward()
+    optimizer.step()
+    model.after_step()
+    return torch.unique(torch.cat([pos, neg]))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_recommendation_loss_reaches_the_encoder(name):
+    model, encoder = _model(name)
+    before = {k: v.clone() for k, v in encoder.named_parameters()}
+    _step(model)
+    # every tower's weights get a gradient from the recommendation loss and move
+    for key in ("model.visual.transformer.resblocks.0.attn.in_proj_weight",
+                "model.transformer.resblocks.3.mlp.c_fc.weight", "model.visual.proj",
+                "model.text_projection"):  # fmt: skip
+        param = dict(encoder.named_parameters())[key]
+        assert param.grad is not None and param.grad.abs().sum() > 0, key
+        assert not torch.equal(param, before[key]), key
+
+
+def test_vlmo_is_trained_end_to_end_too():
+    torch.manual_seed(0)
+    model, encoder = _model("vbpr", encoder=VlmoEncoder.tiny())
+    before = {k: v.clone() for k, v in encoder.named_parameters()}
+    _step(model)
+    moved = [k for k, v in encoder.named_parameters() if not torch.equal(v, before[k])]
+    assert any(k.startswith("model.transformer.blocks.0.") for k in moved)
+    assert any(k.startswith("model.itc_image_proj") for k in moved)
+
+
+def test_frozen_lower_layers_stay_put_and_the_rest_trains():
+    model, encoder = _model("vbpr", E2EConfig(encoder_lr=1e-3, freeze_layers=3))
+    before = {k: v.clone() for k, v in encoder.named_parameters()}
+    _step(model)
+    params = dict(encoder.named_parameters())
+    for key in ("model.visual.conv1.weight", "model.token_embedding.weight",
+                "model.visual.transformer.resblocks.2.mlp.c_fc.weight"):  # fmt: skip
+        assert params[key].grad is None and torch.equal(params[key], before[key]), key
+    for key in ("model.visual.transformer.resblocks.3.mlp.c_fc.weight", "model.visual.proj"):
+        assert not torch.equal(params[key], before[key]), key
+    with pytest.raises(ValueError, match="freeze_layers = 5"):
+        ClipEncoder.tiny().freeze_lower_layers(5)
+
+
+def test_the_bank_takes_the_batch_rows_and_is_refreshed_before_scoring():
+    model, encoder = _model("mmgcl")
+    bank_before = model.bank_image.clone()
+    model.train()
+    users, pos, neg = torch.tensor([0, 1]), torch.tensor([0, 1]), torch.tensor([5, 7])
+    batch = torch.tensor([0, 1, 5, 7])
+    fresh_image, _ = model.encode(batch)
+    model.loss(users, pos, neg)
+    model.after_step()  # no optimiser step: the fresh rows are the current encoder's
+    others = torch.tensor([i for i in range(N_ITEMS) if i not in batch.tolist()])
+    torch.testing.assert_close(model.bank_image[batch], fresh_image.detach())
+    assert torch.equal(model.bank_image[others], bank_before[others])
+
+    with torch.no_grad():  # change the encoder: eval mode must recompute every row
+        for p in encoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    image, text = extract_features(encoder, make_items(N_ITEMS), ExtractConfig())
+    torch.testing.assert_close(model.bank_image, torch.from_numpy(image))
+    torch.testing.assert_close(model.bank_text, torch.from_numpy(text))
+    assert model.score(users).shape == (2, N_ITEMS)
+
+
+def test_lattice_with_trained_feature_copies_is_refused():
+    torch.manual_seed(0)
+    data = clustered(30, N_ITEMS, 6, 3)
+    with pytest.raises(ValueError, match="train_features must be false"):
+        build_end_to_end("lattice", data, ClipEncoder.tiny(), make_items(N_ITEMS), None,
+                         E2EConfig(), CPU)  # fmt: skip
+
+
+def test_items_must_match_the_interactions():
+    data = clustered(30, N_ITEMS, 6, 3)
+    with pytest.raises(ValueError, match="exactly the item ids 0..23"):
+        build_end_to_end("vbpr", data, ClipEncoder.tiny(), make_items(20), None, E2EConfig(), CPU)
+
+
+def test_warm_start_loads_the_trained_recommender_and_checks_it():
+    model, _ = _model("vbpr")
+    state = {k: v + 1 for k, v in model.recommender.state_dict().items()}
+    data = clustered(30, N_ITEMS, 6, 3)
+    warm = build_end_to_end("vbpr", data, ClipEncoder.tiny(), make_items(N_ITEMS), None,
+                            E2EConfig(), CPU, init=state)  # fmt: skip
+    for key, value in warm.recommender.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    partial = {"user_embedding": state["user_embedding"]}
+    with pytest.raises(ValueError, match="lacks"):
+        build_end_to_end("vbpr", data, ClipEncoder.tiny(), make_items(N_ITEMS), None,
+                         E2EConfig(), CPU, init=partial)  # fmt: skip
+
+
+def test_a_run_writes_the_run_contract_and_the_trained_encoder(tmp_path):
+    torch.manual_seed(0)
+    data = clustered(30, N_ITEMS, 6, 3)
+    encoder = ClipEncoder.tiny()
+    start = {k: v.clone() for k, v in encoder.state_dict().items()}
+    cfg = TrainConfig(
+        batch_size=32, max_epochs=2, patience=5, topk=(5, 10), valid_metric="recall@10"
+    )
+    metrics = train_end_to_end("vbpr", data, encoder, make_items(N_ITEMS), None,
+                               E2EConfig(encoder_lr=1e-3), cfg, tmp_path)  # fmt: skip
+    assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
+    per_user = pl.read_parquet(tmp_path / "per_user.parquet")
+    assert per_user.height == len(data.eval_users("test"))
+    assert per_user["recall@10"].mean() == pytest.approx(metrics["recall@10"])
+    saved = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert saved and not any(k.startswith("encoder.") for k in saved)
+    trained = load_encoder(tmp_path / ENCODER_DIR)
+    assert "+e2e:vbpr" in trained.pretrained
+    moved = [k for k, v in trained.state_dict().items() if not torch.equal(v, start[k])]
+    assert len(moved) > 50
+    assert np.isfinite(metrics["valid_recall@10"])
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+    from test_resume import Interrupted, interrupt_after, outputs
+
+    monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
+    data = clustered(30, N_ITEMS, 6, 3)
+    cfg = TrainConfig(
+        batch_size=32, max_epochs=3, patience=5, topk=(5, 10), valid_metric="recall@10"
+    )
+
+    def run(out, checkpoint=None):
+        torch.manual_seed(0)
+        encoder = ClipEncoder.tiny()
+        args = ("mmgcl", data, encoder, make_items(N_ITEMS), None, FAST, cfg, tmp_path / out)
+        train_end_to_end(*args, checkpoint)
+        return load_encoder(tmp_path / out / ENCODER_DIR).state_dict()
+
+    whole = run("whole")
+    checkpoint = tmp_path / "run.pt"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 2)
+        with pytest.raises(Interrupted):
+            run("resumed", checkpoint)
+    resumed = run("resumed", checkpoint)
+    assert outputs(tmp_path / "resumed") == outputs(tmp_path / "whole")
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
