@@ -35,8 +35,7 @@ from pipeline.features import ExtractConfig, extract_features
 from pipeline.interactions import InteractionData
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.seeding import seed_everything
-from pipeline.training import TrainConfig, deterministic, resolve_device, train
+from pipeline.training import TrainConfig, train
 
 log = logging.getLogger(__name__)
 
@@ -247,30 +246,19 @@ def build_end_to_end(
 
 
 def train_end_to_end(
-    name: str,
+    model: EndToEnd,
     data: InteractionData,
-    encoder: Encoder,
-    items: pa.Table,
-    model_config: Mapping[str, Any] | Any | None,
-    cfg: E2EConfig,
     train_cfg: TrainConfig,
     out_dir: str | Path,
     checkpoint_path: str | Path | None = None,
-    world: World | None = None,
-    init: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Build (from ``init`` when given) and ``train`` the end-to-end model; rank 0 also writes
-    the encoder of the best epoch to ``out_dir/encoder`` (a weights folder). Runs under
-    ``deterministic()``."""
-    world = world or World()
-    device = world.device(resolve_device(train_cfg.device))
-    with deterministic():
-        seed_everything(train_cfg.seed)
-        model = build_end_to_end(name, data, encoder, items, model_config, cfg, device, world, init)
-        metrics = train(model, data, train_cfg, out_dir, checkpoint_path, world)
-    if world.is_main:
-        encoder.source = f"{encoder.source}; trained end to end with {name}"
-        encoder.pretrained = f"{encoder.pretrained}+e2e:{name}"
+    """``train`` the end-to-end model (in its processes); rank 0 also writes the encoder of the
+    best epoch to ``out_dir/encoder`` (a weights folder)."""
+    metrics = train(model, data, train_cfg, out_dir, checkpoint_path, model.world)
+    if model.world.is_main:
+        encoder = model.encoder
+        encoder.source = f"{encoder.source}; trained end to end with {model.recommender.name}"
+        encoder.pretrained = f"{encoder.pretrained}+e2e:{model.recommender.name}"
         encoder.save(Path(out_dir) / ENCODER_DIR)
-    log.info("%s end to end: %s", name, metrics)
+    log.info("%s end to end: %s", model.name, metrics)
     return metrics

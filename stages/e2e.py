@@ -10,11 +10,13 @@ from typing import Any
 import torch
 
 from pipeline.distributed import world
-from pipeline.e2e import E2EConfig, train_end_to_end
+from pipeline.e2e import E2EConfig, build_end_to_end, train_end_to_end
 from pipeline.encoders import list_encoders, load_encoder, read_card
 from pipeline.interactions import load_interactions
 from pipeline.recommenders import get_recommender
 from pipeline.schemas import ITEMS, read_table
+from pipeline.seeding import seed_everything
+from pipeline.training import deterministic, resolve_device
 from stages.params import ParamsError, build, require
 from stages.train import train_config
 
@@ -69,10 +71,12 @@ def run(
     data = load_interactions(interactions)
     table = read_table(items, ITEMS, "items")
     encoder = load_encoder(weights)
-    with world() as current:
-        metrics = train_end_to_end(
-            model, data, encoder, table, model_config, cfg, train_cfg, out, checkpoint, current,
-            state,
-        )  # fmt: skip
+    with world() as current, deterministic():
+        seed_everything(train_cfg.seed)
+        device = current.device(resolve_device(train_cfg.device))
+        built = build_end_to_end(
+            model, data, encoder, table, model_config, cfg, device, current, state
+        )
+        metrics = train_end_to_end(built, data, train_cfg, out, checkpoint)
     log.info("%s end to end with %s: %s", model, name, metrics)
     return metrics

@@ -144,8 +144,8 @@ def test_a_run_writes_the_run_contract_and_the_trained_encoder(tmp_path):
     cfg = TrainConfig(
         batch_size=32, max_epochs=2, patience=5, topk=(5, 10), valid_metric="recall@10"
     )
-    metrics = train_end_to_end("vbpr", data, encoder, make_items(N_ITEMS), None,
-                               E2EConfig(encoder_lr=1e-3), cfg, tmp_path)  # fmt: skip
+    model = build_end_to_end("vbpr", data, encoder, make_items(N_ITEMS), None, FAST, CPU)
+    metrics = train_end_to_end(model, data, cfg, tmp_path)
     assert json.loads((tmp_path / "metrics.json").read_text()) == pytest.approx(metrics)
     per_user = pl.read_parquet(tmp_path / "per_user.parquet")
     assert per_user.height == len(data.eval_users("test"))
@@ -171,8 +171,8 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     def run(out, checkpoint=None):
         torch.manual_seed(0)
         encoder = ClipEncoder.tiny()
-        args = ("mmgcl", data, encoder, make_items(N_ITEMS), None, FAST, cfg, tmp_path / out)
-        train_end_to_end(*args, checkpoint)
+        model = build_end_to_end("mmgcl", data, encoder, make_items(N_ITEMS), None, FAST, CPU)
+        train_end_to_end(model, data, cfg, tmp_path / out, checkpoint)
         return load_encoder(tmp_path / out / ENCODER_DIR).state_dict()
 
     whole = run("whole")
