@@ -25,6 +25,7 @@ import torch
 import yaml
 from timing import median_seconds
 
+from pipeline.distributed import World
 from pipeline.evaluation import evaluate
 from pipeline.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender, list_recommenders
@@ -144,7 +145,9 @@ def bench_model(
     build_s = time.perf_counter() - start
     device = torch.device("cpu")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    epoch_s = median_seconds(lambda: _train_epoch(model, optimizer, data, cfg, 1, device), epochs)
+    epoch_s = median_seconds(
+        lambda: _train_epoch(model, optimizer, data, cfg, 1, device, World()), epochs
+    )
     sampling_s = median_seconds(
         lambda: sum(1 for _ in epoch_batches(data, cfg.batch_size, cfg.seed, 1)), epochs
     )
