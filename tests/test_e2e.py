@@ -2,6 +2,7 @@
 other items, and the run writes the same outputs as a cached-feature run."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -22,6 +23,7 @@ CONFIGS = {"lattice": {"train_features": False}}
 N_ITEMS = 24
 CPU = torch.device("cpu")
 FAST = E2EConfig(encoder_lr=1e-3)
+PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 
 def _model(name: str, cfg: E2EConfig = FAST, encoder=None):
@@ -184,3 +186,24 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     resumed = run("resumed", checkpoint)
     assert outputs(tmp_path / "resumed") == outputs(tmp_path / "whole")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_stage_settings_layer_the_encoders_own_keys_and_the_overrides():
+    import yaml
+
+    from stages.e2e import settings
+
+    params = yaml.safe_load(PARAMS.read_text())
+    params["e2e"]["vlmo"] = {"freeze_layers": 1, "encoder_lr": 0.5}
+    clip_cfg, train_cfg, lattice_cfg = settings({**params, "encoder": "clip"}, "lattice")
+    vlmo_cfg, _, _ = settings({**params, "encoder": "vlmo"}, "lattice")
+    assert (clip_cfg.freeze_layers, vlmo_cfg.freeze_layers) == (params["e2e"]["freeze_layers"], 1)
+    assert vlmo_cfg.encoder_lr == 0.5 and clip_cfg.encoder_lr == params["e2e"]["encoder_lr"]
+    assert train_cfg.max_epochs == params["e2e"]["train"]["max_epochs"]
+    assert train_cfg.batch_size == params["train"]["batch_size"]  # not overridden: shared
+    assert lattice_cfg["train_features"] is False
+    assert lattice_cfg["knn_k"] == params["recommenders"]["lattice"]["knn_k"]
+    # the shipped params build on every encoder's demo model
+    for name, family in (("clip", ClipEncoder), ("vlmo", VlmoEncoder)):
+        cfg, _, _ = settings({**yaml.safe_load(PARAMS.read_text()), "encoder": name}, "vbpr")
+        family.tiny().freeze_lower_layers(cfg.freeze_layers)
