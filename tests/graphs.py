@@ -2,9 +2,9 @@
 
 import numpy as np
 import pyarrow as pa
+from tables import interactions_table
 
 from pipeline.interactions import InteractionData
-from pipeline.schemas import INTERACTIONS, validate
 
 
 def _clustered_rows(
@@ -33,15 +33,4 @@ def clustered_table(
     n_users: int, n_items: int, per_user: int, n_groups: int, seed: int = 0
 ) -> pa.Table:
     """``clustered`` as an interactions table (the INTERACTIONS contract)."""
-    users, items, splits = _clustered_rows(n_users, n_items, per_user, n_groups, seed)
-    n = len(users)
-    table = pa.table(
-        {
-            "user_id": pa.array(users, pa.int32()),
-            "item_id": pa.array(items, pa.int32()),
-            "rating": pa.array(np.full(n, 5.0, np.float32)),
-            "timestamp": pa.array(np.arange(n), pa.int64()),
-            "split": pa.array(splits),
-        }
-    )
-    return validate(table, INTERACTIONS, "interactions")
+    return interactions_table(*_clustered_rows(n_users, n_items, per_user, n_groups, seed))

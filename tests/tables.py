@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.schemas import ITEMS, validate
+from pipeline.schemas import INTERACTIONS, ITEMS, validate
 
 
 def imageless_items(ids: np.ndarray, title: str = "Title {}") -> pa.Table:
@@ -44,3 +44,18 @@ def make_items(n: int) -> pa.Table:
         "has_image": [i % 3 != 0 for i in range(n)],
     }
     return validate(pa.table(rows), ITEMS, "items")
+
+
+def interactions_table(users: list[int], items: list[int], splits: list[str]) -> pa.Table:
+    """An interactions table (the INTERACTIONS contract): rating 5, timestamps in row order."""
+    n = len(users)
+    table = pa.table(
+        {
+            "user_id": pa.array(users, pa.int32()),
+            "item_id": pa.array(items, pa.int32()),
+            "rating": pa.array(np.full(n, 5.0, np.float32)),
+            "timestamp": pa.array(np.arange(n), pa.int64()),
+            "split": pa.array(splits),
+        }
+    )
+    return validate(table, INTERACTIONS, "interactions")

@@ -3,11 +3,10 @@
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from tables import imageless_items
+from tables import imageless_items, interactions_table
 
 from pipeline.evaluation import metrics_from_hits, recommend
 from pipeline.features import write_feature_store
@@ -31,16 +30,7 @@ def world(tmp_path_factory) -> dict:
         items += rng.choice(np.arange(u % 3, N_ITEMS, 3), 8, replace=False).tolist()
         splits += ["train"] * 6 + ["valid", "test"]
     processed = root / "processed" / "tiny"
-    n = len(users)
-    interactions = pa.table(
-        {
-            "user_id": pa.array(users, pa.int32()),
-            "item_id": pa.array(items, pa.int32()),
-            "rating": pa.array(np.full(n, 5.0, np.float32)),
-            "timestamp": pa.array(np.arange(n), pa.int64()),
-            "split": pa.array(splits),
-        }
-    )
+    interactions = interactions_table(users, items, splits)
     write_table(interactions, processed / "interactions.parquet", INTERACTIONS, "interactions")
     ids = np.arange(N_ITEMS)
     item_table = imageless_items(ids, "Title of item {}")
