@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import threading
+import urllib.parse
 from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
@@ -28,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SNAP = "http://snap.stanford.edu/data/amazon/productGraph/"
 _ASIN = re.compile(r"[A-Za-z0-9_-]+")  # anything else could escape the images folder
+# URLs read from downloaded data are fetched over these schemes only: a file:// (or ftp://, data:)
+# imUrl must not copy a local file into the images folder. Base URLs set in params may differ.
+DATA_URL_SCHEMES = ("http", "https")
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,17 @@ def _image_jobs(out_dir: Path, info: DatasetInfo, cfg: DownloadConfig) -> tuple[
     return jobs, len(asins) - len(urls)
 
 
+def refused_scheme(url: str) -> str | None:
+    """Why ``url``, read from downloaded data, must not be fetched; None when it is http(s)."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme in DATA_URL_SCHEMES:
+        return None
+    return (
+        f"refused: scheme {scheme or '(none)'!r}; URLs read from downloaded data are fetched "
+        f"over {' or '.join(DATA_URL_SCHEMES)} only"
+    )
+
+
 def _remove_leftovers(out_dir: Path) -> None:
     """Delete .part files and manifest temporaries that a killed run left behind."""
     for folder in (out_dir, out_dir / IMAGES_DIR):
@@ -206,7 +221,8 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
     Reviews and metadata are required (``DownloadError`` names the URL and the last error);
     image features and images that fail are recorded, never fatal. Returns counts: ``ok``
     (fetched now), ``skipped`` (already present), ``dead``, ``failed``, ``bytes`` (fetched now),
-    ``images`` (planned) and ``no_image_url`` (reviewed items without an imUrl).
+    ``images`` (planned), ``no_image_url`` (reviewed items without an imUrl) and ``refused``
+    (imUrls that are not http(s), recorded in the manifest as "refused" and never opened).
     """
     if info.synthetic:
         raise ValueError(f"dataset {info.name!r} is generated locally, not downloaded")
@@ -248,8 +264,19 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
             if job.required and (entry := collect(fut))["status"] != "ok":
                 raise DownloadError(f"could not download {job.url}: {entry['error']}")
         jobs, no_url = _image_jobs(out_dir, info, cfg) if cfg.images else ([], 0)
-        submit(jobs)
-        with tqdm(total=len(jobs), unit="file", desc="images", disable=None) as bar:
+        allowed = [job for job in jobs if not refused_scheme(job.url)]
+        refused = [job for job in jobs if refused_scheme(job.url)]
+        for job in refused:
+            manifest.plan(job)
+            manifest.record(job, _entry(job, "refused", error=refused_scheme(job.url)))
+        if refused:
+            examples = [job.url for job in refused[:3]]
+            log.warning(
+                "refused %d image URLs that are not http(s), e.g. %s", len(refused), examples
+            )
+        counts["refused"] = len(refused)
+        submit(allowed)
+        with tqdm(total=len(allowed), unit="file", desc="images", disable=None) as bar:
             for fut in as_completed(list(pending)):
                 job = pending[fut]
                 entry = collect(fut)
@@ -264,7 +291,7 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
         for fut in [f for f in pending if f.done() and not f.cancelled() and not f.exception()]:
             collect(fut)
         manifest.save()
-    summary = {k: counts[k] for k in ("ok", "skipped", "dead", "failed", "bytes")}
+    summary = {k: counts[k] for k in ("ok", "skipped", "dead", "failed", "refused", "bytes")}
     summary.update(images=len(jobs), no_image_url=no_url)
     log.info("%s: %s", info.category, summary)
     return summary

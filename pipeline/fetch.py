@@ -13,6 +13,7 @@ import os
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 from dataclasses import dataclass
@@ -25,6 +26,24 @@ USER_AGENT = "lmmrec-download/0.1 (research dataset download)"
 DEAD_CODES = frozenset({404, 410})  # the resource is gone: recorded, never retried
 RETRY_CODES = frozenset({408, 429})  # plus every 5xx
 MAX_RETRY_AFTER = 60.0  # seconds: the longest server-requested wait honoured
+
+
+class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only from http(s) to http(s): a server cannot send us to ftp:// or
+    file:// (urllib's default handler follows ftp://)."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp, code: int, msg: str, headers, newurl: str
+    ) -> urllib.request.Request | None:
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise urllib.error.HTTPError(
+                newurl, code, f"redirect to {scheme!r} refused (http and https only)", headers, fp
+            )
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+_OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,7 @@ def _attempt(url: str, part: Path, timeout: float, stop: threading.Event | None)
     """One GET of ``url`` into ``part``; returns (bytes, sha256) or raises _Retryable/_Final."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with _OPENER.open(request, timeout=timeout) as resp:
             expected = resp.headers.get("Content-Length")
             h = hashlib.sha256()
             size = 0

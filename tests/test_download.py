@@ -216,7 +216,8 @@ def test_download_retries_and_records_everything(server, tmp_path):
     summary = download_dataset(INFO, out, _cfg(server))
     _assert_complete(server, out)
     assert summary == {
-        "ok": 12, "skipped": 0, "dead": 1, "failed": 1, "images": 11, "no_image_url": 1,
+        "ok": 12, "skipped": 0, "dead": 1, "failed": 1, "refused": 0, "images": 11,
+        "no_image_url": 1,
         "bytes": sum(e["bytes"] or 0 for e in _manifest(out).values()),
     }  # fmt: skip
     c = server.counts
@@ -264,6 +265,35 @@ def test_max_images_and_no_features(server, tmp_path):
     assert summary["images"] == 3
     assert sorted(p.name for p in (out / IMAGES_DIR).iterdir()) == ["A1.jpg", "A2.jpg", "A3.jpg"]
     assert server.counts[FEATURES] == 0 and not (out / INFO.image_features_file).exists()
+
+
+def test_image_urls_from_the_data_are_http_only(server, tmp_path):
+    """A file:// (or ftp://) imUrl in downloaded metadata is refused, counted and recorded, and
+    no local file is copied; a server redirecting an image to file:// or ftp:// gets no request
+    through either."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("local file: must never be copied")
+    urls = {"A1": secret.as_uri(), "A2": "ftp://127.0.0.1/x.jpg", "A3": "FILE:///etc/hostname"}
+    meta = gzip.decompress(server.files[META]).decode()
+    for asin, url in urls.items():
+        meta = meta.replace(server.base + f"/img/{asin}.jpg", url)
+    server.files[META] = gzip.compress(meta.encode(), mtime=0)
+    server.script["/img/A4.jpg"] = [("redirect", secret.as_uri())]
+    server.script["/img/A5.jpg"] = [("redirect", "ftp://127.0.0.1/x.jpg")]
+    out = tmp_path / "raw"
+    summary = download_dataset(INFO, out, _cfg(server))
+    assert summary["refused"] == 3 and summary["images"] == 11
+    man = _manifest(out)
+    for url in urls.values():
+        assert man[url]["status"] == "refused" and man[url]["path"] is None
+        assert "http or https only" in man[url]["error"]
+    for asin in ("A1", "A2", "A3", "A4", "A5"):
+        assert not (out / IMAGES_DIR / f"{asin}.jpg").exists()
+    assert man[server.base + "/img/A4.jpg"]["status"] == "failed"
+    assert "file:" in man[server.base + "/img/A4.jpg"]["error"]  # urllib's own refusal
+    assert "redirect to 'ftp' refused" in man[server.base + "/img/A5.jpg"]["error"]
+    assert all("secret" not in p.name for p in out.rglob("*"))
+    assert (out / IMAGES_DIR / "A6.jpg").read_bytes() == server.files["/img/A6.jpg"]
 
 
 def test_other_datasets_manifest_is_refused(server, tmp_path):
