@@ -409,13 +409,23 @@ class VlmoModel(nn.Module):
             x = self.transformer.blocks[i](x, mask, modality)
         return x
 
+    def _unimodal_biases(self, modality: str) -> list[torch.Tensor | None]:
+        index = "relative_position_index" if modality == IMAGE else "text_relative_position_index"
+        return self._biases(index)
+
+    def unimodal_layers(
+        self, x: torch.Tensor, pad: torch.Tensor | None, modality: str, layers: range
+    ) -> torch.Tensor:
+        """Layers ``layers`` of the image-only or text-only pass (the modality's own FFN), not
+        normed: layers 0..k-1 then k..depth-1 make ``unimodal``'s pass before its final norm."""
+        return self._run(x, pad, modality, self._unimodal_biases(modality), layers)
+
     def unimodal(
         self, x: torch.Tensor, pad: torch.Tensor | None, modality: str, with_vl: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Image-only or text-only pass: final-normed states through the modality's own FFN in
         every layer, and (``with_vl``) through the VL-FFN from ``vlffn_start_layer`` on."""
-        index = "relative_position_index" if modality == IMAGE else "text_relative_position_index"
-        biases = self._biases(index)
+        biases = self._unimodal_biases(modality)
         start, depth = self.arch.vlffn_start_layer, self.arch.depth
         below = self._run(x, pad, modality, biases, range(start))
         top = self._run(below, pad, modality, biases, range(start, depth))

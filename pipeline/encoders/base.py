@@ -34,6 +34,11 @@ CARD_KEYS = ("encoder", "arch", "pretrained", "sha256", "source")
 Tokens: TypeAlias = torch.Tensor | Mapping[str, torch.Tensor]
 """A tokenised text batch: ids [B, L], or a dict of [B, L] tensors (ids, attention mask...)."""
 
+Prefix: TypeAlias = dict[str, torch.Tensor]
+"""What a tower's lowest blocks hand to the rest for B items: named tensors with the items on
+dim 0 (``states``, the token states [B, T, D], plus whatever the upper blocks read: the
+attention mask, the token ids that pick the pooled token...)."""
+
 
 class WeightsError(ValueError):
     """A weights folder is missing, incomplete, or does not match its card."""
@@ -50,7 +55,9 @@ class Encoder(nn.Module, ABC):
     to uint8 pixels (``image_transform`` does the same for one PIL image).
 
     Families that can be trained on image-text pairs (pretraining, fine-tuning, end to end)
-    implement ``pair_losses``; families with hub weights implement ``pin``.
+    implement ``pair_losses``; families with hub weights implement ``pin``. Transformer
+    families split each tower after block k (``image_prefix``/``image_suffix``, ``text_prefix``/
+    ``text_suffix``) so that end-to-end training can cache the output of frozen lower blocks.
     """
 
     name: ClassVar[str] = ""
@@ -64,10 +71,12 @@ class Encoder(nn.Module, ABC):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_sha256: str | None = None
-    # what ``freeze_lower_layers`` reads: parameter-name prefixes of the input embeddings and a
-    # pattern whose group 1 is the transformer block index (empty: the family cannot freeze)
+    # what ``freeze_lower_layers`` reads: name prefixes of the input embeddings' parameters and
+    # modules, and a pattern whose group 1 is the transformer block index (empty: the family
+    # cannot freeze)
     embedding_prefixes: ClassVar[tuple[str, ...]] = ()
     block_pattern: ClassVar[str] = ""
+    frozen_layers: int = 0  # set by ``freeze_lower_layers``
 
     @property
     @abstractmethod
@@ -135,27 +144,89 @@ class Encoder(nn.Module, ABC):
         """The parameters fine-tuning updates (default: all that require grad)."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def in_prefix(self, name: str, k: int) -> bool:
+        """Whether the parameter, buffer or module ``name`` belongs to the input embeddings or
+        to the lowest ``k`` blocks of a tower (nothing does for ``k`` = 0)."""
+        if k == 0:
+            return False
+        dotted = name + "."
+        block = re.search(self.block_pattern, dotted) if self.block_pattern else None
+        return dotted.startswith(self.embedding_prefixes) or (
+            block is not None and int(block.group(1)) < k
+        )
+
+    def n_blocks(self) -> int:
+        """Transformer blocks per tower (the deepest tower's count)."""
+        if not self.block_pattern:
+            raise ValueError(f"encoder {self.name!r} has no transformer blocks")
+        found = [int(m.group(1)) for name, _ in self.named_parameters()
+                 if (m := re.search(self.block_pattern, name))]  # fmt: skip
+        return max(found) + 1
+
     def freeze_lower_layers(self, n: int) -> int:
         """Stop training the input embeddings and the lowest ``n`` transformer blocks of every
-        tower (``n`` = 0 freezes nothing); returns the number of parameter tensors frozen."""
+        tower (``n`` = 0 freezes nothing); returns the number of parameter tensors frozen.
+
+        Frozen layers are a fixed function of the item: they stay in eval mode (no dropout or
+        stochastic depth) when the encoder trains, so their outputs can be cached."""
         if n == 0:
             return 0
         if not self.block_pattern:
             raise ValueError(f"encoder {self.name!r} has no transformer blocks to freeze")
-        blocks = {
-            name: int(m.group(1))
-            for name, _ in self.named_parameters()
-            if (m := re.search(self.block_pattern, name))
-        }
-        depth = max(blocks.values()) + 1
+        depth = self.n_blocks()
         if not 0 <= n <= depth:
             raise ValueError(f"freeze_layers = {n}; {self.name} {self.arch} has 0..{depth} blocks")
         frozen = 0
         for name, param in self.named_parameters():
-            if name.startswith(self.embedding_prefixes) or blocks.get(name, depth) < n:
+            if self.in_prefix(name, n):
                 param.requires_grad_(False)
                 frozen += 1
+        self.frozen_layers = n
+        self.train(self.training)
         return frozen
+
+    def train(self, mode: bool = True) -> Encoder:
+        """Switch mode; the frozen lower layers stay in eval mode."""
+        super().train(mode)
+        if mode and self.frozen_layers:
+            for name, module in self.named_modules():
+                if name and self.in_prefix(name, self.frozen_layers):
+                    module.train(False)
+        return self
+
+    def image_prefix(self, images: torch.Tensor, k: int) -> Prefix:
+        """[B, 3, H, W] preprocessed images through the input embeddings and blocks 0..k-1."""
+        raise NotImplementedError(f"encoder {self.name!r} cannot split its image tower")
+
+    def image_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
+        """``image_prefix(images, k)`` through the remaining blocks and the head: [B, image_dim],
+        what ``encode_images(images)`` gives."""
+        raise NotImplementedError(f"encoder {self.name!r} cannot split its image tower")
+
+    def text_prefix(self, tokens: Tokens, k: int) -> Prefix:
+        """A token batch through the input embeddings and blocks 0..k-1."""
+        raise NotImplementedError(f"encoder {self.name!r} cannot split its text tower")
+
+    def text_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
+        """``text_prefix(tokens, k)`` through the remaining blocks and the head: [B, text_dim],
+        what ``encode_texts(tokens)`` gives."""
+        raise NotImplementedError(f"encoder {self.name!r} cannot split its text tower")
+
+    def prefix_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Every tensor the prefixes up to block ``k`` read: their parameters and the model's
+        buffers (constants such as masks and position indices)."""
+        named = [(n, p) for n, p in self.named_parameters() if self.in_prefix(n, k)]
+        return dict([*named, *self.named_buffers()])
+
+    def prefix_sha256(self, k: int) -> str:
+        """Hex SHA-256 of the family, arch, ``k`` and ``prefix_tensors(k)``: equal hashes mean
+        equal prefix outputs for equal inputs."""
+        digest = hashlib.sha256(f"{self.name}|{self.arch}|{k}".encode())
+        for name, tensor in sorted(self.prefix_tensors(k).items()):
+            data = tensor.detach().cpu().contiguous()
+            digest.update(f"|{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def device(self) -> torch.device:
@@ -187,11 +258,15 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"unknown precision {precision!r}; allowed: {list(PRECISIONS)}")
 
 
+def uses_bf16(device: torch.device, precision: str) -> bool:
+    """Whether ``precision`` means bf16 on ``device``: ``bf16``, or ``auto`` on CUDA."""
+    check_precision(precision)
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 autocast for ``bf16``, and for ``auto`` on CUDA; otherwise exact float32."""
-    check_precision(precision)
-    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def to_device(tokens: Tokens, device: torch.device) -> Tokens:

@@ -19,10 +19,11 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import Transformer, VisionTransformer, text_global_pool
 from PIL import Image
 
 from pipeline.encoders import register_encoder
-from pipeline.encoders.base import Encoder, Tokens, read_weights, write_weights
+from pipeline.encoders.base import Encoder, Prefix, Tokens, read_weights, write_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,18 @@ def check_arch(arch: str) -> None:
     """Raise if open_clip has no model config called ``arch``."""
     if arch not in open_clip.list_models():
         raise ValueError(f"unknown CLIP arch {arch!r}; open_clip knows: {open_clip.list_models()}")
+
+
+def run_blocks(
+    transformer: Transformer, x: torch.Tensor, layers: range, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Blocks ``layers`` of an open_clip ``Transformer`` on batch-first x [B, T, D], as its
+    ``forward`` runs them (running 0..k-1 then k..depth-1 is one whole pass)."""
+    if not transformer.batch_first:
+        x = x.transpose(0, 1)
+    for i in layers:
+        x = transformer.resblocks[i](x, attn_mask=attn_mask)
+    return x if transformer.batch_first else x.transpose(0, 1)
 
 
 @contextmanager
@@ -60,7 +73,8 @@ class ClipEncoder(Encoder):
 
     embedding_prefixes = (
         "model.visual.conv1.", "model.visual.class_embedding", "model.visual.positional_embedding",
-        "model.visual.ln_pre.", "model.token_embedding.", "model.positional_embedding",
+        "model.visual.patch_dropout.", "model.visual.ln_pre.", "model.token_embedding.",
+        "model.positional_embedding",
     )  # fmt: skip
     block_pattern = r"transformer\.resblocks\.(\d+)\."
 
@@ -125,9 +139,49 @@ class ClipEncoder(Encoder):
         return self.model.encode_image(images)
 
     def encode_texts(self, tokens: Tokens) -> torch.Tensor:
-        if not isinstance(tokens, torch.Tensor):
-            raise TypeError(f"CLIP takes a [B, L] tensor of token ids, got {type(tokens)}")
-        return self.model.encode_text(tokens)
+        return self.model.encode_text(_ids(tokens))
+
+    def _visual(self) -> VisionTransformer:
+        """The image tower, if it is open_clip's ViT (the only one that splits into blocks)."""
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer):
+            raise ValueError(f"CLIP {self.arch}: a {type(visual).__name__} image tower does not "
+                             "split into transformer blocks")  # fmt: skip
+        return visual
+
+    def image_prefix(self, images: torch.Tensor, k: int) -> Prefix:
+        """Patch, class and position embeddings (``ln_pre``), then ViT blocks 0..k-1."""
+        visual = self._visual()
+        return {"states": run_blocks(visual.transformer, visual._embeds(images), range(k))}
+
+    def image_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
+        """ViT blocks k.., the pooling with ``ln_post`` and the projection, as ``forward``."""
+        visual = self._visual()
+        blocks = range(k, len(visual.transformer.resblocks))
+        pooled, _ = visual._pool(run_blocks(visual.transformer, prefix["states"], blocks))
+        return pooled if visual.proj is None else pooled @ visual.proj
+
+    def text_prefix(self, tokens: Tokens, k: int) -> Prefix:
+        """Token and position embeddings, then causal text blocks 0..k-1; the ids travel along
+        (they pick the pooled end-of-text token)."""
+        ids, model = _ids(tokens), self.model
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
+        return {"states": run_blocks(model.transformer, x, range(k), model.attn_mask), "ids": ids}
+
+    def text_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
+        """Text blocks k.., ``ln_final``, the end-of-text pooling and the projection, as
+        open_clip's ``encode_text``."""
+        model = self.model
+        blocks = range(k, len(model.transformer.resblocks))
+        x = model.ln_final(run_blocks(model.transformer, prefix["states"], blocks, model.attn_mask))
+        x = text_global_pool(x, prefix["ids"], model.text_pool_type,
+                             eos_token_id=getattr(model, "text_eos_id", None))  # fmt: skip
+        if model.text_projection is None:
+            return x
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x @ model.text_projection
 
     def pair_losses(self, images: torch.Tensor, tokens: Tokens) -> dict[str, torch.Tensor]:
         """CLIP's symmetric InfoNCE (ITC) over the batch, temperature learnt and capped."""
@@ -191,6 +245,12 @@ class ClipEncoder(Encoder):
         )
         encoder.weights_sha256 = card["sha256"]
         return encoder.eval()
+
+
+def _ids(tokens: Tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"CLIP takes a [B, L] tensor of token ids, got {type(tokens)}")
+    return tokens
 
 
 def pin_open_clip_weights(

@@ -34,7 +34,14 @@ from torchvision import transforms
 
 from pipeline.encoders import register_encoder
 from pipeline.encoders._multiway import IMAGE, TEXT, VlmoArch, VlmoModel, relative_position_indices
-from pipeline.encoders.base import Encoder, Tokens, WeightsError, read_weights, write_weights
+from pipeline.encoders.base import (
+    Encoder,
+    Prefix,
+    Tokens,
+    WeightsError,
+    read_weights,
+    write_weights,
+)
 from pipeline.fetch import fetch, file_digest
 
 if TYPE_CHECKING:
@@ -124,6 +131,7 @@ class VlmoEncoder(Encoder):
         self.config = model.arch
         self.arch, self.pretrained, self.source = arch, pretrained, source
         self.loss_cfg = loss_cfg or PairLossConfig()
+        self._bias_hook: torch.utils.hooks.RemovableHandle | None = None
         self.image_size, self.mean, self.std = self.config.image_size, MEAN, STD
         self.max_text_len = self.config.max_text_len
         self.image_dim = self.text_dim = self.config.embed_dim
@@ -180,14 +188,57 @@ class VlmoEncoder(Encoder):
         return ids.to(self.device), mask.to(self.device)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_image(images.to(self.device))
-        final, _ = self.model.unimodal(x, None, IMAGE)
-        return self.model.itc_image_proj(final[:, 0])
+        return self.image_suffix(self.image_prefix(images, 0), 0)
 
     def encode_texts(self, tokens: Tokens) -> torch.Tensor:
+        return self.text_suffix(self.text_prefix(tokens, 0), 0)
+
+    def image_prefix(self, images: torch.Tensor, k: int) -> Prefix:
+        """Patch, [CLS], position and modality embeddings, then image-only layers 0..k-1."""
+        x = self.model.embed_image(images.to(self.device))
+        return {"states": self.model.unimodal_layers(x, None, IMAGE, range(k))}
+
+    def image_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
+        """Image-only layers k.. (V-FFN), the final norm and ``itc_image_proj`` of the [CLS]."""
+        m = self.model
+        x = m.unimodal_layers(prefix["states"], None, IMAGE, range(k, self.config.depth))
+        return m.itc_image_proj(m.transformer.norm(x)[:, 0])
+
+    def text_prefix(self, tokens: Tokens, k: int) -> Prefix:
+        """Text embeddings, then text-only layers 0..k-1; the attention mask travels along."""
         ids, mask = self._ids_and_mask(tokens)
-        final, _ = self.model.unimodal(self.model.embed_text(ids), mask, TEXT)
-        return self.model.itc_text_proj(final[:, 0])
+        x = self.model.unimodal_layers(self.model.embed_text(ids), mask, TEXT, range(k))
+        return {"states": x, "mask": mask}
+
+    def text_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
+        """Text-only layers k.. (L-FFN), the final norm and ``itc_text_proj`` of the [CLS]."""
+        m, mask = self.model, prefix["mask"]
+        x = m.unimodal_layers(prefix["states"], mask, TEXT, range(k, self.config.depth))
+        return m.itc_text_proj(m.transformer.norm(x)[:, 0])
+
+    def freeze_lower_layers(self, n: int) -> int:
+        """As ``Encoder.freeze_lower_layers``; the relative position bias table, shared by
+        every layer, also stops training in the frozen layers' columns (its gradient there
+        is zeroed)."""
+        frozen = super().freeze_lower_layers(n)
+        table = self.model.relative_position_bias_table
+        if self._bias_hook is not None:
+            self._bias_hook.remove()
+            self._bias_hook = None
+        if n and table is not None:
+            keep = torch.ones(table.shape[1], device=table.device)
+            keep[: n * self.config.num_heads] = 0
+            self._bias_hook = table.register_hook(lambda grad: grad * keep.to(grad))
+        return frozen
+
+    def prefix_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """As ``Encoder.prefix_tensors``, plus the layers 0..k-1 columns of the shared
+        relative position bias table."""
+        tensors = super().prefix_tensors(k)
+        table = self.model.relative_position_bias_table
+        if k and table is not None:
+            tensors["relative_position_bias_table[:k]"] = table[:, : k * self.config.num_heads]
+        return tensors
 
     def pair_losses(self, images: torch.Tensor, tokens: Tokens) -> dict[str, torch.Tensor]:
         """ITC + ITM (hard negatives) + MLM on B matched pairs, as the official pretraining."""
