@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from synthetic import ELEC, IMAGE_DIM, TEXT_DIM, synthetic_features, synthetic_interactions
 from timing import median_seconds
 
 from pipeline.distributed import World
@@ -37,12 +38,6 @@ from pipeline.training import TrainConfig, _train_epoch
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_INTERACTIONS = ROOT / "data/processed/demo/interactions.parquet"
 DEMO_FEATURES = ROOT / "features/demo/clip-pretrained"
-
-# Amazon 2014 Electronics, 5-core (the largest dataset of the LMM4Rec study)
-ELEC_USERS, ELEC_ITEMS, ELEC_INTERACTIONS = 192_403, 63_001, 1_689_188
-IMAGE_DIM, TEXT_DIM = 4096, 384  # the VGG image features of Amazon 2014 + a MiniLM text vector
-POPULARITY_EXPONENT = 0.6  # item i of popularity rank r is drawn with weight r ** -0.6
-USER_DEGREE_SHAPE = 1.5  # Pareto shape of the per-user extra interactions above 5
 
 SAMPLING_TARGET = 0.10  # negative sampling + batching: at most this share of an epoch
 EVAL_TARGET = 2.0  # a full validation pass: at most this many dense score matmuls
@@ -72,40 +67,6 @@ def load_demo() -> tuple[InteractionData, ItemFeatures]:
     store = read_feature_store(DEMO_FEATURES)
     features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)
     return data, features
-
-
-def synthetic_elec(seed: int) -> InteractionData:
-    """An Elec-sized interaction set: every user >= 5 items (heavy-tailed degrees), items
-    drawn by power-law popularity without repeats per user, per-user 8:1:1 split. Seeded."""
-    rng = np.random.default_rng(seed)
-    extra = ELEC_INTERACTIONS - 5 * ELEC_USERS
-    weights = rng.pareto(USER_DEGREE_SHAPE, ELEC_USERS) + 1.0
-    degree = 5 + rng.multinomial(extra, weights / weights.sum())
-    users = np.repeat(np.arange(ELEC_USERS), degree)
-    popularity = np.arange(1, ELEC_ITEMS + 1, dtype=np.float64) ** -POPULARITY_EXPONENT
-    popularity = popularity[rng.permutation(ELEC_ITEMS)]  # popularity unrelated to item id
-    popularity /= popularity.sum()
-    items = rng.choice(ELEC_ITEMS, size=len(users), p=popularity)
-    while True:  # redraw repeated (user, item) pairs until none is left
-        keys = users * ELEC_ITEMS + items
-        order = np.argsort(keys, kind="stable")
-        repeated = np.zeros(len(keys), dtype=bool)
-        repeated[order[1:]] = keys[order[1:]] == keys[order[:-1]]
-        if not repeated.any():
-            break
-        items[repeated] = rng.choice(ELEC_ITEMS, size=int(repeated.sum()), p=popularity)
-    position = np.arange(len(users)) - np.repeat(np.cumsum(degree) - degree, degree)
-    n_held = np.repeat(np.maximum(1, np.rint(0.1 * degree).astype(np.int64)), degree)
-    split = np.where(position < n_held, "test", np.where(position < 2 * n_held, "valid", "train"))
-    return InteractionData.from_arrays(users, items, split, ELEC_USERS, ELEC_ITEMS)
-
-
-def synthetic_features(seed: int) -> ItemFeatures:
-    """Random Elec-sized item features: image [63001, 4096] and text [63001, 384] float32."""
-    rng = np.random.default_rng([seed, 1])
-    image = rng.standard_normal((ELEC_ITEMS, IMAGE_DIM), dtype=np.float32)
-    text = rng.standard_normal((ELEC_ITEMS, TEXT_DIM), dtype=np.float32)
-    return ItemFeatures(image=torch.from_numpy(image), text=torch.from_numpy(text))
 
 
 def dense_scores_seconds(n_users: int, n_items: int, dim: int, chunk: int, reps: int) -> float:
@@ -268,8 +229,9 @@ def scale_worker(args: argparse.Namespace, name: str) -> None:
     result: dict[str, Any] = {"model": name}
     try:
         start = time.perf_counter()
-        data = synthetic_elec(args.seed)
-        features = synthetic_features(args.seed) if get_recommender(name).uses_features else None
+        data = synthetic_interactions(ELEC, args.seed)
+        uses_features = get_recommender(name).uses_features
+        features = synthetic_features(ELEC.items, args.seed) if uses_features else None
         result.update(data_s=time.perf_counter() - start, rss_load_mib=peak_rss_mib())
         cfg = train_config(args, args.batch_size or 2048)  # the paper's batch
         measured = probe(name, data, features, cfg, args.probe_steps)
@@ -312,8 +274,8 @@ def _timeout_error(stdout: str | bytes | None, timeout: float) -> str:
 def run_scale(args: argparse.Namespace, names: list[str]) -> None:
     batch_size = args.batch_size or 2048
     print(
-        f"scale: synthetic Elec, {ELEC_USERS:,} users, {ELEC_ITEMS:,} items, "
-        f"{ELEC_INTERACTIONS:,} interactions, features {IMAGE_DIM} + {TEXT_DIM} float32; "
+        f"scale: synthetic Elec, {ELEC.users:,} users, {ELEC.items:,} items, "
+        f"{ELEC.interactions:,} interactions, features {IMAGE_DIM} + {TEXT_DIM} float32; "
         f"batch {batch_size}, {args.threads} thread(s), one epoch + one validation pass, "
         "one process per model",
         flush=True,
