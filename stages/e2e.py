@@ -55,7 +55,8 @@ def run(
     """Train ``model`` end to end with the encoder in ``weights``; write ``out``. With
     ``e2e.warm_start`` the recommender starts from ``init`` (its run on the pretrained
     features). Under ``torchrun --nproc_per_node N`` the processes share each batch and rank
-    0 writes."""
+    0 writes. A prefix cache too large for memory is mapped from a folder next to
+    ``checkpoint`` (else in the system's temporary folder) and removed at the end."""
     name = require(params, "encoder", list_encoders())
     card = read_card(weights)
     if card["encoder"] != name:
@@ -77,8 +78,9 @@ def run(
     with world() as current, deterministic():
         seed_everything(train_cfg.seed)
         device = current.device(resolve_device(train_cfg.device))
+        tmp_dir = None if checkpoint is None else checkpoint.parent  # the run's own temp folder
         built = build_end_to_end(
-            model, data, encoder, table, model_config, cfg, device, current, state
+            model, data, encoder, table, model_config, cfg, device, current, state, tmp_dir
         )
         metrics = train_end_to_end(built, data, train_cfg, out, checkpoint)
     log.info("%s end to end with %s: %s", model, name, metrics)

@@ -1,7 +1,10 @@
 """End-to-end training: the recommendation loss trains the encoder, the memory bank holds the
 other items, and the run writes the same outputs as a cached-feature run."""
 
+import copy
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +14,18 @@ import torch
 from graphs import clustered
 from tables import make_items
 
-from pipeline.e2e import ENCODER_DIR, E2EConfig, build_end_to_end, train_end_to_end
+from pipeline.distributed import World
+from pipeline.e2e import (
+    ENCODER_DIR,
+    E2EConfig,
+    build_end_to_end,
+    build_prefix_cache,
+    train_end_to_end,
+)
 from pipeline.encoders import load_encoder
+from pipeline.encoders._multiway import VlmoModel
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.encoders.vlmo import VlmoEncoder
+from pipeline.encoders.vlmo import DEMO_ARCH, VlmoEncoder, arch_config
 from pipeline.features import ExtractConfig, extract_features
 from pipeline.training import TrainConfig
 
@@ -23,6 +34,9 @@ CONFIGS = {"lattice": {"train_features": False}}
 N_ITEMS = 24
 CPU = torch.device("cpu")
 FAST = E2EConfig(encoder_lr=1e-3)
+CACHED = E2EConfig(encoder_lr=1e-3, freeze_layers=3)  # the demo CLIP's 3 of 4 blocks
+UNCACHED = replace(CACHED, prefix_cache=False)
+TRAIN = TrainConfig(batch_size=32, max_epochs=2, patience=5, topk=(5, 10), valid_metric="recall@10")
 PARAMS = Path(__file__).parents[1] / "params.yaml"
 
 
@@ -47,6 +61,143 @@ def _step(model) -> torch.Tensor:
     optimizer.step()
     model.after_step()
     return torch.unique(torch.cat([pos, neg]))
+
+
+def _vlmo_with_dropout() -> VlmoEncoder:
+    """The demo VLMo with stochastic depth and base/large's shared relative position bias
+    table and layer scale (3 blocks, so that a frozen one is followed by two that train)."""
+    demo = arch_config(DEMO_ARCH)
+    arch = replace(demo, depth=3, vlffn_start_layer=2, drop_path_rate=0.5, abs_pos_emb=False,
+                   relative_position_bias=True, layer_scale_init=0.1)  # fmt: skip
+    return VlmoEncoder(VlmoModel(arch), "vlmo-test-rel")
+
+
+def _cached_and_uncached(encoder, k: int, **settings) -> list:
+    """The same model built twice from ``encoder``: without and with the prefix cache."""
+    models = []
+    for cached in (False, True):
+        torch.manual_seed(0)
+        data = clustered(30, N_ITEMS, 6, 3)
+        cfg = E2EConfig(encoder_lr=1e-3, freeze_layers=k, prefix_cache=cached, **settings)
+        models.append(build_end_to_end("mmgcl", data, copy.deepcopy(encoder), make_items(N_ITEMS),
+                                       None, cfg, CPU))  # fmt: skip
+    return models
+
+
+@pytest.mark.parametrize(
+    ("family", "k"), [(ClipEncoder.tiny, 3), (VlmoEncoder.tiny, 1), (_vlmo_with_dropout, 1)]
+)
+def test_a_cached_step_equals_the_uncached_step(family, k):
+    torch.manual_seed(0)
+    uncached, cached = _cached_and_uncached(family(), k)
+    assert uncached.cache is None and cached.cache is not None
+    torch.testing.assert_close(cached.bank_image, uncached.bank_image, atol=1e-5, rtol=0)
+    results = []
+    for model in (uncached, cached):
+        optimizer = torch.optim.Adam(model.param_groups(1e-3))
+        model.train()
+        torch.manual_seed(1)  # the same dropout, stochastic depth and MMGCL views in both
+        loss = model.loss(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]),
+                          torch.tensor([5, 7, 9, 3]))  # fmt: skip
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        optimizer.step()
+        model.after_step()
+        results.append((loss.detach(), grads, model.bank_image.clone(), model.bank_text.clone()))
+    (loss_u, grads_u, image_u, text_u), (loss_c, grads_c, image_c, text_c) = results
+    torch.testing.assert_close(loss_c, loss_u, atol=1e-5, rtol=0)
+    assert grads_c.keys() == grads_u.keys()
+    blocks = [n for n in grads_u if re.search(r"\.(resblocks|blocks)\.\d+\.", n) and "_vl" not in n]
+    assert blocks and all(grads_u[n] is not None for n in blocks)  # the unfrozen blocks train
+    for name in grads_u:
+        if grads_u[name] is None:
+            assert grads_c[name] is None, name
+        else:
+            torch.testing.assert_close(grads_c[name], grads_u[name], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(image_c, image_u, atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_c, text_u, atol=1e-5, rtol=0)
+
+
+def test_frozen_layers_are_a_fixed_function_even_in_train_mode():
+    torch.manual_seed(0)
+    encoder = _vlmo_with_dropout()
+    encoder.freeze_lower_layers(1)
+    encoder.train()
+    tokens = encoder.tokenize(["a red shirt", "blue"])
+    first, second = (encoder.text_prefix(tokens, 1)["states"] for _ in range(2))
+    assert torch.equal(first, second)  # no dropout, no stochastic depth below the cut
+    above = encoder.model.transformer.blocks[1]
+    assert above.training and not encoder.model.transformer.blocks[0].training
+    table = encoder.model.relative_position_bias_table
+    encoder.text_suffix(encoder.text_prefix(tokens, 0), 0).sum().backward()
+    heads = encoder.config.num_heads
+    assert not table.grad[:, :heads].any() and table.grad[:, heads:].any()
+
+
+def test_a_cached_run_gives_the_uncached_runs_result(tmp_path):
+    runs = {}
+    for cfg in (UNCACHED, CACHED):
+        torch.manual_seed(0)
+        data = clustered(30, N_ITEMS, 6, 3)
+        model = build_end_to_end("vbpr", data, ClipEncoder.tiny(), make_items(N_ITEMS), None,
+                                 cfg, CPU)  # fmt: skip
+        out = tmp_path / str(cfg.prefix_cache)
+        metrics = train_end_to_end(model, data, TRAIN, out)
+        runs[cfg.prefix_cache] = metrics, load_encoder(out / ENCODER_DIR).state_dict()
+    (cached, cached_encoder), (uncached, uncached_encoder) = runs[True], runs[False]
+    for key in ("recall@10", "ndcg@10", "valid_recall@10", "best_epoch", "epochs"):
+        assert cached[key] == pytest.approx(uncached[key], abs=1e-6), key
+    for key, value in uncached_encoder.items():
+        torch.testing.assert_close(cached_encoder[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_the_prefix_cache_is_rebuilt_when_the_frozen_weights_or_the_items_change():
+    model, encoder = _model("vbpr", CACHED)
+    cache = model.cache
+    _step(model)
+    model.eval()  # the trained blocks moved, the frozen ones did not: the cache still serves
+    assert model.cache is cache
+    state = model.state_dict()
+    frozen = "encoder.model.visual.transformer.resblocks.1.mlp.c_fc.weight"
+    state[frozen] = state[frozen] + 0.05 * torch.randn_like(state[frozen])
+    model.load_state_dict(state)  # e.g. a resumed run's checkpoint with other frozen weights
+    model.eval()
+    assert model.cache is not cache and model.cache.key != cache.key
+    image, text = extract_features(encoder, make_items(N_ITEMS), ExtractConfig())
+    torch.testing.assert_close(model.bank_image, torch.from_numpy(image), atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.bank_text, torch.from_numpy(text), atol=1e-5, rtol=0)
+
+    items = make_items(N_ITEMS)
+    texts = items.column("text").to_pylist()
+    other = items.set_column(3, "text", [[t + " more" for t in texts]])
+    caches = [build_prefix_cache(encoder, t, encoder.tokenize(t.column("text").to_pylist()),
+                                 CACHED, World()) for t in (items, other)]  # fmt: skip
+    assert caches[0].key == model.cache.key and caches[1].key != caches[0].key
+    assert not torch.equal(caches[0].parts["text"]["states"], caches[1].parts["text"]["states"])
+
+
+def test_a_memory_mapped_cache_gives_the_in_memory_result_and_is_removed(tmp_path):
+    runs = {}
+    for budget in (CACHED.cache_max_bytes, 1):
+        torch.manual_seed(0)
+        data = clustered(30, N_ITEMS, 6, 3)
+        cfg = replace(CACHED, cache_max_bytes=budget)
+        model = build_end_to_end("vbpr", data, ClipEncoder.tiny(), make_items(N_ITEMS), None,
+                                 cfg, CPU, tmp_dir=tmp_path / "tmp")  # fmt: skip
+        folder = model.cache.folder
+        if budget == 1:
+            files = sorted(p.name for p in folder.iterdir())
+            assert folder.parent == tmp_path / "tmp"
+            assert files == ["image.states.bin", "text.ids.bin", "text.states.bin"]
+        else:
+            assert folder is None
+        one_epoch = replace(TRAIN, max_epochs=1)
+        runs[budget] = train_end_to_end(model, data, one_epoch, tmp_path / str(budget))
+    in_memory, mapped = runs[CACHED.cache_max_bytes], runs[1]
+    assert {k: v for k, v in mapped.items() if k != "seconds"} == {
+        k: v for k, v in in_memory.items() if k != "seconds"
+    }
+    assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @pytest.mark.parametrize("name", MODELS)
