@@ -244,6 +244,22 @@ def build_prefix_cache(
     return cache
 
 
+def prefix_bytes_per_item(encoder: Encoder, k: int, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes one item takes in a prefix cache split after block ``k`` with floats stored as
+    ``dtype``; the shapes come from one blank item's pass (the encoder may be on the meta
+    device, so that a large arch costs no memory)."""
+    device = encoder.device
+    with torch.no_grad():
+        image = torch.zeros(1, 3, encoder.image_size, encoder.image_size, device=device)
+        tokens = to_device(encoder.tokenize([""]), device)
+        prefixes = (encoder.image_prefix(image, k), encoder.text_prefix(tokens, k))
+    return sum(
+        t[0].numel() * (dtype.itemsize if t.is_floating_point() else t.element_size())
+        for prefix in prefixes
+        for t in prefix.values()
+    )
+
+
 def _prefix_batch(
     encoder: Encoder, items: pa.Table, tokens: Tokens, ids: torch.Tensor, k: int
 ) -> dict[str, Prefix]:

@@ -312,7 +312,8 @@ def test_a_run_writes_the_run_contract_and_the_trained_encoder(tmp_path):
     assert np.isfinite(metrics["valid_recall@10"])
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch):
+@pytest.mark.parametrize("e2e", [FAST, CACHED], ids=["uncached", "cached"])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(e2e, tmp_path, monkeypatch):
     from test_resume import Interrupted, interrupt_after, outputs
 
     monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
@@ -324,7 +325,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path, monkey
     def run(out, checkpoint=None):
         torch.manual_seed(0)
         encoder = ClipEncoder.tiny()
-        model = build_end_to_end("mmgcl", data, encoder, make_items(N_ITEMS), None, FAST, CPU)
+        model = build_end_to_end("mmgcl", data, encoder, make_items(N_ITEMS), None, e2e, CPU)
         train_end_to_end(model, data, cfg, tmp_path / out, checkpoint)
         return load_encoder(tmp_path / out / ENCODER_DIR).state_dict()
 
