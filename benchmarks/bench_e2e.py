@@ -1,7 +1,9 @@
-"""Cost of end-to-end training against training on cached features; see benchmarks/README.md.
+"""Cost of end-to-end training against training on cached features, with and without the
+frozen-prefix cache; see benchmarks/README.md.
 
-    python benchmarks/bench_e2e.py                        # demo: step cost, then memory at 2 sizes
+    python benchmarks/bench_e2e.py              # demo: steps, epochs, refresh, cache size, memory
     python benchmarks/bench_e2e.py --model mmgcl --threads 2 --sizes 1500,6000
+    python benchmarks/bench_e2e.py --weights models/weights/clip-finetuned --sizes ""
 
 Not a test: it reports timings and ratios measured in this run, on this machine.
 """
@@ -16,22 +18,27 @@ import math
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import torch
 import yaml
 from PIL import Image
 
 from pipeline.distributed import World
-from pipeline.e2e import build_end_to_end
-from pipeline.encoders import load_encoder
-from pipeline.features import read_feature_store
+from pipeline.e2e import EndToEnd, build_end_to_end, build_prefix_cache, prefix_bytes_per_item
+from pipeline.encoders import get_encoder, load_encoder
+from pipeline.encoders.base import WEIGHTS_CARD, Encoder
+from pipeline.encoders.clip import ClipEncoder
+from pipeline.encoders.vlmo import VlmoEncoder
 from pipeline.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender
-from pipeline.recommenders.base import ItemFeatures
+from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.sampling import epoch_batches
 from pipeline.schemas import ITEMS, read_table, validate
 from pipeline.training import _train_epoch
@@ -39,9 +46,9 @@ from stages.e2e import settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data/processed/demo"
-WEIGHTS = ROOT / "models/weights/clip-pretrained"
-FEATURES = ROOT / "features/demo/clip-pretrained"
 CPU = torch.device("cpu")
+ACCEPT_STEP = 1.3  # an e2e step may cost this much of a cached-feature step + the unfrozen layers
+PAPER_ARCHS = (("clip", "ViT-B-16"), ("vlmo", "vlmo_base_plus_patch16_224"))
 
 
 def peak_rss_mib() -> float:
@@ -53,95 +60,150 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _params(model: str):
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    return settings(params, model)
+def _params() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def _steps(model, data, batch_size: int, n: int, seed: int, after_warmup=None) -> dict[str, float]:
-    """Seconds spent in ``n`` optimiser steps of ``model`` as the trainer takes them (after
-    one untimed step, then ``after_warmup()``): ``forward`` (the loss, encoding included),
-    ``backward``, ``update`` (Adam and the bank)."""
+def _settings(model: str):
+    return settings(_params(), model)
+
+
+def resolve_weights(weights: Path, scratch: Path) -> tuple[Path, str]:
+    """``weights`` if it is a weights folder; otherwise randomly initialised weights of the
+    params' encoder arch written to ``scratch`` (timings do not depend on the values)."""
+    if (weights / WEIGHTS_CARD).is_file():
+        return weights, f"{weights}"
+    params = _params()
+    name = params["encoder"]
+    arch = params[name]["arch"]
+    torch.manual_seed(0)
+    get_encoder(name).from_arch(arch).save(scratch / "weights")
+    return scratch / "weights", (
+        f"{weights} is missing: randomly initialised {name} {arch} (timing does not depend on "
+        "the values)"
+    )
+
+
+def _steps(model: Recommender, data, batch_size: int, n: int, seed: int) -> float:
+    """Seconds per optimiser step of ``model`` over ``n`` steps as the trainer takes them
+    (forward, backward, Adam and the bank), after one untimed step."""
     optimizer = torch.optim.Adam(model.param_groups(1e-4))
     model.train()
-    times = {"forward": 0.0, "backward": 0.0, "update": 0.0}
-    batches = epoch_batches(data, batch_size, seed, 1)
-    for step, (users, pos, neg) in zip(range(n + 1), batches, strict=False):
-        t0 = time.perf_counter()
+    total = 0.0
+    for step, (users, pos, neg) in zip(range(n + 1), epoch_batches(data, batch_size, seed, 1),
+                                       strict=False):  # fmt: skip
+        start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss = model.loss(users, pos, neg)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
+        model.loss(users, pos, neg).backward()
         optimizer.step()
         model.after_step()
-        t3 = time.perf_counter()
-        if not step and after_warmup is not None:
-            after_warmup()
         if step:
-            times["forward"] += t1 - t0
-            times["backward"] += t2 - t1
-            times["update"] += t3 - t2
-    return times
+            total += time.perf_counter() - start
+    return total / n
 
 
-def step_cost(model_name: str, steps: int) -> dict:
-    """Demo: e2e steps vs the same recommender's steps on the cached pretrained features."""
-    cfg, train_cfg, model_cfg = _params(model_name)
+def _unfrozen_passes(model: EndToEnd, data, batch_size: int, n: int, seed: int) -> float:
+    """Seconds per batch of the forward and backward passes of the encoder's unfrozen layers
+    alone on the batch's unique items (read from the prefix cache), after one untimed batch."""
+    model.train()
+    total = 0.0
+    for step, (_, pos, neg) in zip(range(n + 1), epoch_batches(data, batch_size, seed, 1),
+                                   strict=False):  # fmt: skip
+        ids = torch.unique(torch.cat([pos, neg]))
+        start = time.perf_counter()
+        image, text = model.encode(ids)
+        (image.sum() + text.sum()).backward()
+        if step:
+            total += time.perf_counter() - start
+        model.encoder.zero_grad(set_to_none=True)
+    return total / n
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def step_cost(model_name: str, steps: int, weights: Path) -> dict:
+    """Demo: e2e steps, epochs and bank refreshes with and without the prefix cache, and an
+    e2e step against a cached-feature step + the unfrozen layers' passes on its items."""
+    cfg, train_cfg, model_cfg = _settings(model_name)
+    if not cfg.cached:
+        raise SystemExit(f"e2e.freeze_layers = {cfg.freeze_layers}: there is no prefix to cache")
     data = load_interactions(DEMO / "interactions.parquet")
     items = read_table(DEMO / "items.parquet", ITEMS, "items")
-    store = read_feature_store(FEATURES)
-    features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)
-    torch.manual_seed(train_cfg.seed)
-    cached = get_recommender(model_name).build(data, features, model_cfg)
-    optimizer = torch.optim.Adam(cached.param_groups(train_cfg.lr))
-    start = time.perf_counter()
-    _train_epoch(cached, optimizer, data, train_cfg, 1, CPU, World())
-    cached_epoch = time.perf_counter() - start
+    seed, batch = train_cfg.seed, train_cfg.batch_size
+    models, build_s = {}, {}
+    for cached in (True, False):
+        torch.manual_seed(seed)
+        encoder = load_encoder(weights)
+        e2e = replace(cfg, prefix_cache=cached)
+        start = time.perf_counter()
+        models[cached] = build_end_to_end(model_name, data, encoder, items, model_cfg, e2e, CPU)
+        build_s[cached] = time.perf_counter() - start
+    model, plain = models[True], models[False]
+    cache_s = _timed(lambda: build_prefix_cache(model.encoder, model.items, model.tokens,
+                                                model.cfg, World()).close())  # fmt: skip
 
-    torch.manual_seed(train_cfg.seed)
-    encoder = load_encoder(WEIGHTS)
-    model = build_end_to_end(model_name, data, encoder, items, model_cfg, cfg, CPU)
-    timers = {"decode": 0.0, "encoder forward": 0.0}
-    images, encode = model.images, model.encode
+    torch.manual_seed(seed)
+    bank = ItemFeatures(image=model.bank_image.clone(), text=model.bank_text.clone())
+    on_features = get_recommender(model_name).build(data, bank, model_cfg)
+    feature_step = _steps(on_features, data, batch, steps, seed)
+    unfrozen = _unfrozen_passes(model, data, batch, steps, seed)
+    cached_step = _steps(model, data, batch, steps, seed)
+    plain_step = _steps(plain, data, batch, steps, seed)
 
-    def timed_images(ids):
-        t = time.perf_counter()
-        out = images(ids)
-        timers["decode"] += time.perf_counter() - t
-        return out
-
-    def timed_encode(ids):
-        t = time.perf_counter()
-        out = encode(ids)
-        timers["encoder forward"] += time.perf_counter() - t
-        return out
-
-    model.images, model.encode = timed_images, timed_encode
-    parts = _steps(model, data, train_cfg.batch_size, steps, train_cfg.seed,
-                   lambda: timers.update(decode=0.0, **{"encoder forward": 0.0}))  # fmt: skip
-    e2e_s = sum(parts.values())
-    start = time.perf_counter()
-    model.eval()  # the full bank refresh an evaluation starts with
-    refresh_s = time.perf_counter() - start
-    per_epoch = math.ceil(data.n_train / train_cfg.batch_size)
-    cached_step = cached_epoch / per_epoch
+    epochs = {}
+    for cached, m in models.items():
+        optimizer = torch.optim.Adam(m.param_groups(train_cfg.lr))
+        epochs[cached] = _timed(lambda m=m, o=optimizer: _train_epoch(m, o, data, train_cfg, 1,
+                                                                      CPU, World()))  # fmt: skip
+    refresh = {cached: _timed(m.eval) for cached, m in models.items()}
+    encoder = model.encoder
+    per_epoch = math.ceil(data.n_train / batch)
+    unique = np.mean([len(torch.unique(torch.cat([p, n])))
+                      for _, p, n in epoch_batches(data, batch, seed, 1)])  # fmt: skip
+    ratio = cached_step / (feature_step + unfrozen)
     return {
-        "model": model_name,
-        "steps timed": steps,
-        "steps per epoch": per_epoch,
-        "cached epoch s": cached_epoch,
-        "e2e step s": e2e_s / steps,
-        "e2e epoch s (projected)": e2e_s / steps * per_epoch,
-        "e2e / cached epoch": e2e_s / steps * per_epoch / cached_epoch,
-        "share beyond a cached-feature step (the encoder's)": 1 - cached_step * steps / e2e_s,
-        "  JPEG decoding + transforms": timers["decode"] / e2e_s,
-        "  encoder forward": (timers["encoder forward"] - timers["decode"]) / e2e_s,
-        "  recommender forward": (parts["forward"] - timers["encoder forward"]) / e2e_s,
-        "  backward (encoder + recommender)": parts["backward"] / e2e_s,
-        "  Adam + bank update": parts["update"] / e2e_s,
-        "bank refresh s": refresh_s,
+        "setting": f"{model_name}, {encoder.name} {encoder.arch}, lower {cfg.freeze_layers} of "
+        f"{encoder.n_blocks()} blocks frozen, batch {batch}",
+        "steps per epoch / mean unique items a step": f"{per_epoch} / {unique:.0f}",
+        "cached-feature step s": f"{feature_step:.3f}",
+        "unfrozen layers fwd+bwd on the step's items s": f"{unfrozen:.3f}",
+        "e2e step s (prefix cache)": f"{cached_step:.3f}",
+        "e2e step / (cached-feature step + unfrozen layers)": f"{ratio:.2f} (acceptance <= "
+        f"{ACCEPT_STEP}: {'met' if ratio <= ACCEPT_STEP else 'NOT met'})",
+        "e2e step s (no cache)": f"{plain_step:.3f} ({plain_step / cached_step:.1f}x)",
+        "e2e epoch s: no cache / prefix cache": f"{epochs[False]:.1f} / {epochs[True]:.1f} "
+        f"({epochs[False] / epochs[True]:.1f}x)",
+        "bank refresh s: no cache / prefix cache": f"{refresh[False]:.2f} / {refresh[True]:.2f} "
+        f"({refresh[False] / refresh[True]:.1f}x)",
+        "build s: no cache / prefix cache (cache alone)": f"{build_s[False]:.1f} / "
+        f"{build_s[True]:.1f} ({cache_s:.1f})",
+        "prefix cache MiB (in memory)": f"{model.cache.nbytes / 2**20:.1f}",
     }
+
+
+def meta_encoder(family: str, arch: str) -> Encoder:
+    """``arch`` on the meta device: shapes without memory or weights."""
+    if family == "clip":
+        return ClipEncoder(open_clip.create_model(arch, pretrained=None, device="meta"), arch)
+    with torch.device("meta"):
+        return VlmoEncoder.from_arch(arch)
+
+
+def cache_sizes() -> list[tuple[str, int, int, int]]:
+    """(encoder arch, blocks, k, fp32 bytes per item) for the params' demo CLIP and the
+    paper's ViT-B/16 and VLMo base-plus, at the params' freeze depth for the family."""
+    params = _params()
+    rows = []
+    for family, arch in (("clip", params["clip"]["arch"]), *PAPER_ARCHS):
+        cfg, _, _ = settings({**params, "encoder": family}, "vbpr")
+        encoder = meta_encoder(family, arch)
+        k = min(cfg.freeze_layers, encoder.n_blocks())
+        rows.append((f"{family} {arch}", encoder.n_blocks(), k, prefix_bytes_per_item(encoder, k)))
+    return rows
 
 
 def synthetic(n_items: int, seed: int) -> tuple[InteractionData, pa.Table]:
@@ -175,13 +237,13 @@ def synthetic(n_items: int, seed: int) -> tuple[InteractionData, pa.Table]:
     return data, validate(table, ITEMS, "items")
 
 
-def memory_worker(model_name: str, n_items: int, steps: int, naive: bool) -> dict:
+def memory_worker(model_name: str, n_items: int, steps: int, naive: bool, weights: Path) -> dict:
     """Peak RSS of ``steps`` e2e steps on a synthetic catalogue of ``n_items`` items; with
     ``naive``, of one step that encodes every item with gradients instead (no bank)."""
-    cfg, train_cfg, model_cfg = _params(model_name)
+    cfg, train_cfg, model_cfg = _settings(model_name)
     data, items = synthetic(n_items, train_cfg.seed)
     torch.manual_seed(train_cfg.seed)
-    model = build_end_to_end(model_name, data, load_encoder(WEIGHTS), items, model_cfg, cfg, CPU)
+    model = build_end_to_end(model_name, data, load_encoder(weights), items, model_cfg, cfg, CPU)
     built = peak_rss_mib()
     if naive:
         model.train()
@@ -198,42 +260,48 @@ def memory_worker(model_name: str, n_items: int, steps: int, naive: bool) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vbpr", help="recommender (default vbpr)")
-    parser.add_argument("--steps", type=int, default=5, help="e2e steps timed (default 5)")
-    parser.add_argument("--sizes", default="1500,6000", help="catalogue sizes for memory")
+    parser.add_argument("--steps", type=int, default=5, help="steps timed per mode (default 5)")
+    parser.add_argument("--sizes", default="1500,6000", help="catalogue sizes for memory ('' none)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--weights", type=Path, default=ROOT / "models/weights/clip-pretrained",
+                        help="weights folder; if missing, random weights of the arch")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     if args.worker:
         n_items, naive = args.worker.split(":")
-        print(json.dumps(memory_worker(args.model, int(n_items), args.steps, naive == "naive")))
+        row = memory_worker(args.model, int(n_items), args.steps, naive == "naive", args.weights)
+        print(json.dumps(row))
         return
-    cost = step_cost(args.model, args.steps)
-    print(f"\nend to end vs cached features, demo, {args.model}, {args.threads} threads:")
-    for key, value in cost.items():
-        shown = (
-            f"{value:.1%}"
-            if "share" in key or key.startswith("  ")
-            else f"{value:.2f}"
-            if isinstance(value, float)
-            else value
-        )
-        print(f"  {key:<50} {shown}")
-    print("\npeak RSS, one process each (bank: --steps e2e steps; naive: one step encoding")
-    print("every item with gradients, what training without the bank would hold):")
-    print(f"  {'items':>6} {'mode':>6} {'after build MiB':>16} {'peak MiB':>10}")
-    for size in (int(s) for s in args.sizes.split(",")):
-        for mode in ("bank", "naive"):
-            command = [sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
-                       "--threads", str(args.threads), "--worker", f"{size}:{mode}"]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-            if done.returncode != 0:
-                print(f"  {size:>6} {mode:>6} failed: {done.stderr.strip().splitlines()[-1]}")
-                continue
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            built, peak = row["rss after build MiB"], row["peak rss MiB"]
-            print(f"  {size:>6} {mode:>6} {built:>16.0f} {peak:>10.0f}")
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as scratch:
+        weights, said = resolve_weights(args.weights, Path(scratch))
+        print(f"weights: {said}")
+        cost = step_cost(args.model, args.steps, weights)
+        print(f"\nend to end with and without the prefix cache, demo, {args.threads} threads:")
+        for key, value in cost.items():
+            print(f"  {key:<50} {value}")
+        print("\nprefix cache bytes per item (fp32; the same at any k >= 1; bf16 halves states):")
+        for arch, depth, k, size in cache_sizes():
+            print(f"  {arch:<36} k={k} of {depth:<3} {size:>9,} B  "
+                  f"{size * 10_000 / 2**30:6.2f} GiB per 10k items")  # fmt: skip
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+        if sizes:
+            print("\npeak RSS, one process each (bank: --steps e2e steps; naive: one step encoding")
+            print("every item with gradients, what training without the bank would hold):")
+            print(f"  {'items':>6} {'mode':>6} {'after build MiB':>16} {'peak MiB':>10}")
+        for size in sizes:
+            for mode in ("bank", "naive"):
+                command = [sys.executable, __file__, "--model", args.model, "--steps",
+                           str(args.steps), "--threads", str(args.threads), "--weights",
+                           str(weights), "--worker", f"{size}:{mode}"]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode != 0:
+                    print(f"  {size:>6} {mode:>6} failed: {done.stderr.strip().splitlines()[-1]}")
+                    continue
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                built, peak = row["rss after build MiB"], row["peak rss MiB"]
+                print(f"  {size:>6} {mode:>6} {built:>16.0f} {peak:>10.0f}")
 
 
 if __name__ == "__main__":
