@@ -100,6 +100,27 @@ def test_every_registered_encoder_encodes_saves_and_loads(name, tmp_path):
         torch.testing.assert_close(loaded.encode_texts(tokens), text)
 
 
+@pytest.mark.parametrize("name", ["clip", "vlmo"])
+def test_towers_split_after_any_block_into_the_whole_pass(name):
+    torch.manual_seed(0)
+    encoder = get_encoder(name).tiny().eval()
+    images = torch.randn(2, 3, encoder.image_size, encoder.image_size)
+    tokens = encoder.tokenize(["a red mug", "a much longer text about a blue cotton shirt"])
+    with torch.no_grad():
+        image, text = encoder.encode_images(images), encoder.encode_texts(tokens)
+        for k in range(encoder.n_blocks() + 1):
+            split = encoder.image_suffix(encoder.image_prefix(images, k), k)
+            torch.testing.assert_close(split, image, atol=1e-6, rtol=0, msg=f"image, k={k}")
+            split = encoder.text_suffix(encoder.text_prefix(tokens, k), k)
+            torch.testing.assert_close(split, text, atol=1e-6, rtol=0, msg=f"text, k={k}")
+    top = encoder.n_blocks() - 1
+    below, whole = encoder.prefix_sha256(1), encoder.prefix_sha256(top + 1)
+    upper = next(p for n, p in encoder.named_parameters() if f".{top}." in n)
+    with torch.no_grad():
+        upper.add_(1.0)  # in the top block: the prefix up to block 1 is the same function
+    assert encoder.prefix_sha256(1) == below and encoder.prefix_sha256(top + 1) != whole
+
+
 def test_register_rejects_duplicates_and_non_encoders():
     with pytest.raises(ValueError, match="already registered"):
 
