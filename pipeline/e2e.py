@@ -14,6 +14,8 @@ With ``freeze_layers`` = k > 0 the input embeddings and the lowest k blocks of e
 fixed function of the item, so their output token states (with what the upper blocks read:
 attention masks, token ids) are computed once per run for every item (``PrefixCache``) and
 each step and each refresh runs only the unfrozen blocks and the heads, decoding no JPEG.
+The cache grows with the catalogue (token states per item: ``prefix_bytes_per_item``); above
+``cache_max_bytes`` it is memory-mapped from disk rather than held in memory.
 
 Unlike the LMM4Rec authors' end-to-end mode, whose features were detached, the encoder here is
 trained by the recommendation loss (``tests/test_e2e.py`` checks its gradients and weights).
@@ -121,6 +123,9 @@ def items_sha256(items: pa.Table) -> str:
     for column in ("image_bytes", "text"):
         for value in items.column(column):
             data = value.as_py()
+            if data is None:
+                digest.update(b"\xff" * 8)
+                continue
             data = data.encode() if isinstance(data, str) else data
             digest.update(len(data).to_bytes(8, "little") + data)
     return digest.hexdigest()
