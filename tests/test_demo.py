@@ -240,25 +240,6 @@ def test_corpus_is_deterministic_and_broader_than_the_shop():
     assert any(attr in " ".join(a.captions) for attr in ATTRIBUTES["brand"].values)
 
 
-def test_listing_captions_name_the_type_and_nothing_only_the_image_shows():
-    cfg = CorpusConfig(n_pairs=300, listing_rate=0.5)
-    corpus = pretraining_corpus(cfg)
-    types = ATTRIBUTES["product_type"].values
-    listings = [
-        (text, types[label])
-        for text, label in zip(corpus.captions, corpus.attributes["product_type"], strict=True)
-        if not COLOUR_RE.search(text)
-    ]
-    assert 100 < len(listings) < 200
-    for text, ptype in listings:
-        words = TYPE_WORDS[ptype]
-        assert any(w in text.lower() for w in (*words.synonyms, words.plural.lower())), text
-    plain = pretraining_corpus(CorpusConfig(n_pairs=300))
-    assert all(COLOUR_RE.search(text) for text in plain.captions)
-    with pytest.raises(ValueError, match="listing_rate"):
-        CorpusConfig(listing_rate=1.5)
-
-
 def test_corpus_respects_image_size():
     corpus = pretraining_corpus(CorpusConfig(n_pairs=4, image_size=48))
     assert [im.size for im in corpus.images] == [(48, 48)] * 4

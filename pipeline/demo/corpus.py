@@ -2,11 +2,8 @@
 
 Different items from the shop, drawn from the broader vocabulary (every shop value plus more
 colours, patterns, shapes, types, brands and materials), rendered by the shop's own code so the
-domains match. Most captions read like alt text: they describe what is visible and sometimes
-name a brand or material. A share (``listing_rate``) reads like the text of a product listing
-on the web: brand, product noun or category, material, never the colour, pattern or shape, so
-only the product type ties it to its image, as in a shop's item text. Per-pair integer labels
-support supervised CNN pretraining.
+domains match. Captions read like alt text: they describe what is visible and sometimes name a
+brand or material. Per-pair integer labels support supervised CNN pretraining.
 """
 
 from __future__ import annotations
@@ -42,15 +39,6 @@ CAPTIONS = (
     "image of a {colour} {type} with {pattern_noun}, {shape} design",
     "{shape} {colour} {type} on a light background",
 )
-LISTINGS = (
-    "{brand} {Type}",
-    "{Type} from {brand} | {plural}",
-    "{material} {type} - {department}",
-    "buy {brand} {plural} online",
-    "{Type} in {material} by {brand}",
-    "{plural}: {type}, {material}",
-    "new {type} ({brand})",
-)
 
 
 @dataclass(frozen=True)
@@ -62,14 +50,13 @@ class CorpusConfig:
     image_size: int = 64  # pixels, square
     brand_rate: float = 0.3  # fraction of captions that name the brand
     material_rate: float = 0.3  # fraction of captions that name the material
-    listing_rate: float = 0.0  # fraction of captions written as product listings (no colour)
 
     def __post_init__(self) -> None:
         if self.n_pairs < 1 or self.image_size < 1:
             raise ValueError(
                 f"n_pairs = {self.n_pairs} and image_size = {self.image_size} must be >= 1"
             )
-        for name in ("brand_rate", "material_rate", "listing_rate"):
+        for name in ("brand_rate", "material_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} = {getattr(self, name)} must be in [0, 1]")
 
@@ -111,21 +98,6 @@ def caption(rng: np.random.Generator, values: dict[str, str], cfg: CorpusConfig)
     return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 
 
-def listing(rng: np.random.Generator, values: dict[str, str]) -> str:
-    """Product-listing text of one item: brand, product noun or category, material; it never
-    names what only the image shows (colour, pattern, shape)."""
-    words = TYPE_WORDS[values["product_type"]]
-    noun = _pick(rng, words.synonyms)
-    return _pick(rng, LISTINGS).format(
-        brand=values["brand"],
-        type=noun,
-        Type=noun.title(),
-        plural=words.plural,
-        department=words.department,
-        material=values["material"],
-    )
-
-
 def pretraining_corpus(cfg: CorpusConfig) -> Corpus:
     """Generate ``cfg.n_pairs`` image–caption pairs over the broad vocabulary, deterministically."""
     labels = {name: np.empty(cfg.n_pairs, np.int64) for name in ATTRIBUTES}
@@ -138,7 +110,6 @@ def pretraining_corpus(cfg: CorpusConfig) -> Corpus:
             values[name] = attr.values[labels[name][i]]
         look = Look(values["colour"], values["pattern"], values["shape"], values["product_type"])
         images.append(render_item(look, cfg.image_size, rng))
-        as_listing = rng.random() < cfg.listing_rate
-        captions.append(listing(rng, values) if as_listing else caption(rng, values, cfg))
+        captions.append(caption(rng, values, cfg))
     log.info("pretraining corpus: %d pairs at %dpx", cfg.n_pairs, cfg.image_size)
     return Corpus(images=images, captions=captions, attributes=labels)
