@@ -134,6 +134,44 @@ def micro_batches(n: int, cfg: TrainConfig, world: World) -> list[torch.Tensor]:
     return [p for p in parts[world.shard(cfg.grad_accum)] if len(p)]
 
 
+def make_optimizer(model: Recommender, lr: float) -> torch.optim.Adam:
+    """Adam over the model's ``param_groups``, as one fused kernel per parameter: the same
+    update as the default (for-each) Adam, every row of every parameter with a gradient,
+    in one pass over its memory instead of about seven (differs in the last float bits)."""
+    return torch.optim.Adam(model.param_groups(lr), lr=lr, fused=True)
+
+
+def train_step(
+    model: Recommender,
+    optimizer: torch.optim.Optimizer,
+    users: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    cfg: TrainConfig | None = None,
+    device: torch.device | None = None,
+    world: World | None = None,
+) -> torch.Tensor:
+    """One optimiser step on a batch; returns this process's (detached) share of the loss.
+
+    With several micro-batches (``cfg.grad_accum``) each one's loss is weighted by its share
+    of the batch and the gradients are summed (over the processes too), so a step sees the
+    gradient of the size-weighted mean loss."""
+    cfg, world = cfg or TrainConfig(grad_accum=1), world or World()
+    device = device or users.device
+    optimizer.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=device)
+    for part in micro_batches(len(users), cfg, world):
+        loss = model.loss(users[part].to(device), pos[part].to(device), neg[part].to(device))
+        if len(part) < len(users):
+            loss = loss * (len(part) / len(users))
+        loss.backward()
+        total += loss.detach()
+    sum_gradients([p for group in optimizer.param_groups for p in group["params"]], world)
+    optimizer.step()
+    model.after_step()
+    return total
+
+
 def _train_epoch(
     model: Recommender,
     optimizer: torch.optim.Optimizer,
@@ -143,24 +181,13 @@ def _train_epoch(
     device: torch.device,
     world: World,
 ) -> float:
-    """One pass over the train pairs; returns the mean batch loss. With several micro-batches
-    each one's loss is weighted by its share of the batch and the gradients are summed (over
-    the processes too), so a step sees the gradient of the size-weighted mean loss."""
+    """One pass over the train pairs (``train_step`` on every batch); returns the mean batch
+    loss."""
     model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
     total = torch.zeros((), device=device)
     n_batches = 0
     for users, pos, neg in epoch_batches(data, cfg.batch_size, cfg.seed, epoch):
-        optimizer.zero_grad(set_to_none=True)
-        for part in micro_batches(len(users), cfg, world):
-            loss = model.loss(users[part].to(device), pos[part].to(device), neg[part].to(device))
-            if len(part) < len(users):
-                loss = loss * (len(part) / len(users))
-            loss.backward()
-            total += loss.detach()
-        sum_gradients(params, world)
-        optimizer.step()
-        model.after_step()
+        total += train_step(model, optimizer, users, pos, neg, cfg, device, world)
         n_batches += 1
     mean = (sum_scalar(total, world) / n_batches).item()
     if not math.isfinite(mean):
@@ -372,7 +399,7 @@ def train(
     checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     fingerprint = None if checkpoint_path is None else run_fingerprint(model, data, cfg, device)
     model.to(device)
-    optimizer = torch.optim.Adam(model.param_groups(cfg.lr), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %s (%d parameters) on %s: %s", model.name, n_params, device, cfg)
 
