@@ -60,14 +60,18 @@ class VBPR(Recommender):
         """[ID embedding ; projected features] of ``items`` (all items if None), [*, 2d]."""
         if items is None:
             return torch.cat([self.item_embedding, self.item_linear(self.item_features)], dim=1)
-        content = self.item_linear(self.item_features[items])
-        return torch.cat([self.item_embedding[items], content], dim=1)
+        content = self.item_linear(self.item_features.index_select(0, items))
+        return torch.cat([self.item_embedding.index_select(0, items), content], dim=1)
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """BPR loss + reg_weight * EmbLoss over the batch's user and item representations."""
+        """BPR loss + reg_weight * EmbLoss over the batch's user and item representations.
+
+        Each distinct item of the batch is projected once (an item drawn as several positives
+        and negatives shares its row), so the step's largest product covers the distinct
+        items only."""
         u = self.user_embedding[users]  # [B, 2d]
-        p = self.item_representation(pos)  # [B, 2d]
-        n = self.item_representation(neg)  # [B, 2d]
+        items, where = torch.unique(torch.cat([pos, neg]), return_inverse=True)
+        p, n = self.item_representation(items)[where].split(len(pos))  # [B, 2d] each
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
         return ranking + self.config.reg_weight * l2_reg(u, p, n)
 
