@@ -51,6 +51,7 @@ from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+from pipeline.recommenders.lightgcn import compact_csr, smooth
 
 MODALITIES = ("image", "text")  # MMRec's order of the modality weights
 EDGE_CHUNK = 1 << 18  # edges whose gradients are computed at once (bounds the memory)
@@ -162,9 +163,10 @@ class LATTICE(GraphRecommender):
         self.item_embedding = nn.Embedding(self.n_items, config.embedding_size)
         nn.init.xavier_uniform_(self.user_embedding.weight)
         nn.init.xavier_uniform_(self.item_embedding.weight)
-        ui_graph = to_csr(normalized_adjacency(data))  # symmetric: its own transpose
+        ui_graph = compact_csr(normalized_adjacency(data))  # symmetric: its own transpose
         self.register_buffer("ui_graph", ui_graph, persistent=False)
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None  # this epoch's, CSR + T
+        self._scratch: dict[str, torch.Tensor] = {}  # the user-item propagation's buffers
 
     def forget(self) -> None:
         """Drop the cached item graph and embeddings (the next use rebuilds them)."""
@@ -222,12 +224,13 @@ class LATTICE(GraphRecommender):
                 h = edge_spmm(graph.indices(), graph.values(), h, self.n_items)
             else:
                 h = constant_spmm(graph, h, transposed)
-        layer = torch.cat([self.user_embedding.weight, self.item_embedding.weight])
-        total = layer
-        for _ in range(self.config.n_ui_layers):
-            layer = constant_spmm(self.ui_graph, layer)
-            total = total + layer
-        mean = total / (self.config.n_ui_layers + 1)
+        mean = smooth(
+            self.user_embedding.weight,
+            self.item_embedding.weight,
+            self.ui_graph,
+            self.config.n_ui_layers,
+            self._scratch,
+        )
         users, items = mean.split([self.n_users, self.n_items])
         return users, items + F.normalize(h, dim=1)
 
@@ -238,7 +241,7 @@ class LATTICE(GraphRecommender):
             graph = self.item_graph()
             user_emb, item_emb = self.propagate(graph)
             detached = graph.detach()
-            self._graph = (to_csr(detached), to_csr(detached.t().coalesce()))
+            self._graph = (compact_csr(detached), compact_csr(detached.t().coalesce()))
         else:
             user_emb, item_emb = self.propagate(*self._graph)
         u, p, n = user_emb[users], item_emb[pos], item_emb[neg]
