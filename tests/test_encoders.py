@@ -1,6 +1,7 @@
 """Encoder registry, the CLIP family, its weights folder and the demo pretraining."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import open_clip
@@ -15,6 +16,7 @@ from pipeline.encoders import (
     load_encoder,
     register_encoder,
 )
+from pipeline.encoders._multiway import VlmoModel
 from pipeline.encoders.base import STATE_FILE, WEIGHTS_CARD, WeightsError, read_card
 from pipeline.encoders.clip import DEMO_ARCH, ClipEncoder, pin_open_clip_weights
 from pipeline.encoders.pairtrain import (
@@ -24,6 +26,9 @@ from pipeline.encoders.pairtrain import (
     retrieval_recall,
     train_pairs,
 )
+from pipeline.encoders.vlmo import DEMO_ARCH as VLMO_DEMO
+from pipeline.encoders.vlmo import VlmoEncoder
+from pipeline.encoders.vlmo import arch_config as vlmo_arch
 
 MICRO_ARCH = "lmmrec-test-micro"  # a CLIP small enough to train in a test
 MICRO_CFG = {
@@ -119,6 +124,94 @@ def test_towers_split_after_any_block_into_the_whole_pass(name):
     with torch.no_grad():
         upper.add_(1.0)  # in the top block: the prefix up to block 1 is the same function
     assert encoder.prefix_sha256(1) == below and encoder.prefix_sha256(top + 1) != whole
+
+
+def _whole_passes(encoder: Encoder, images: torch.Tensor, tokens) -> tuple:
+    """Image and text embeddings with every block computing every token: open_clip's own
+    forward for CLIP, the unimodal passes' [CLS] for VLMo."""
+    if isinstance(encoder, ClipEncoder):
+        return encoder.model.encode_image(images), encoder.model.encode_text(tokens)
+    m = encoder.model
+    image = m.unimodal(m.embed_image(images), None, "image")[0][:, 0]
+    text = m.unimodal(m.embed_text(tokens["input_ids"]), tokens["attention_mask"], "text")[0]
+    return m.itc_image_proj(image), m.itc_text_proj(text[:, 0])
+
+
+def _vlmo_base_like(drop_path_rate: float = 0.0) -> VlmoEncoder:
+    """The demo VLMo with base/large's relative position bias table and layer scale."""
+    arch = replace(vlmo_arch(VLMO_DEMO), relative_position_bias=True, abs_pos_emb=False,
+                   layer_scale_init=0.1, drop_path_rate=drop_path_rate)  # fmt: skip
+    return VlmoEncoder(VlmoModel(arch), "vlmo-test-rel")
+
+
+@pytest.mark.parametrize(
+    "build", [ClipEncoder.tiny, VlmoEncoder.tiny, _vlmo_base_like], ids=["clip", "vlmo", "vlmo-rel"]
+)
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_the_last_block_computes_the_pooled_token_alone_with_the_whole_passs_result(build, train):
+    torch.manual_seed(0)
+    encoder = build().train(train)
+    for p in encoder.parameters():  # no zero-initialised bias or layer scale hides a term
+        with torch.no_grad():
+            p.add_(torch.randn_like(p) * 0.02)
+    images = torch.randn(3, 3, encoder.image_size, encoder.image_size)
+    tokens = encoder.tokenize(["a red mug", "", "a much longer text about a blue cotton shirt"])
+    k = encoder.n_blocks() - 1
+    encoder.freeze_lower_layers(k)
+    weights = torch.randn(2, 3, encoder.image_dim)
+    results = []
+    for split in (False, True):
+        if split:
+            image = encoder.image_suffix(encoder.image_prefix(images, k), k)
+            text = encoder.text_suffix(encoder.text_prefix(tokens, k), k)
+        else:
+            image, text = _whole_passes(encoder, images, tokens)
+        encoder.zero_grad(set_to_none=True)
+        ((image * weights[0]).sum() + (text * weights[1]).sum()).backward()
+        grads = {n: p.grad for n, p in encoder.named_parameters() if p.requires_grad}
+        results.append((image.detach(), text.detach(), grads))
+    (image, text, grads), (split_image, split_text, split_grads) = results
+    torch.testing.assert_close(split_image, image, atol=1e-5, rtol=0)
+    torch.testing.assert_close(split_text, text, atol=1e-5, rtol=0)
+    top = [n for n, g in grads.items() if f".{k}." in n and g is not None]
+    assert top and grads.keys() == split_grads.keys()  # the top block trains
+    for name, grad in grads.items():
+        if grad is None:
+            assert split_grads[name] is None, name
+        else:
+            torch.testing.assert_close(split_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_vlmo_stochastic_depth_drops_the_pooled_token_as_the_whole_pass_does():
+    encoder = _vlmo_base_like(drop_path_rate=0.5).train()
+    images = torch.randn(8, 3, encoder.image_size, encoder.image_size)
+    tokens = encoder.tokenize(["a red mug", "blue"] * 4)
+    outputs = []
+    for split in (False, True):
+        torch.manual_seed(1)  # the same per-sample draws, in the same order
+        if split:
+            outputs.append((encoder.encode_images(images), encoder.encode_texts(tokens)))
+        else:
+            outputs.append(_whole_passes(encoder, images, tokens))
+    for whole, split in zip(*outputs, strict=True):
+        torch.testing.assert_close(split, whole, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("tower", "pool"), [("image", "avg"), ("text", "last"),
+                                             ("text", "first"), ("text", "none")])  # fmt: skip
+def test_clip_pools_as_its_config_says(tower, pool):
+    torch.manual_seed(0)
+    encoder = ClipEncoder.tiny().eval()
+    if tower == "image":
+        encoder.model.visual.pool_type = pool
+    else:
+        encoder.model.text_pool_type = pool
+    images = torch.randn(2, 3, encoder.image_size, encoder.image_size)
+    tokens = encoder.tokenize(["a red mug", "a much longer text about a blue cotton shirt"])
+    with torch.no_grad():
+        image, text = _whole_passes(encoder, images, tokens)
+        torch.testing.assert_close(encoder.encode_images(images), image, atol=1e-5, rtol=0)
+        torch.testing.assert_close(encoder.encode_texts(tokens), text, atol=1e-5, rtol=0)
 
 
 def test_register_rejects_duplicates_and_non_encoders():

@@ -118,14 +118,25 @@ class Attention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
-        """x [B, T, D]; attn_mask additive, broadcastable to [B, H, T, T] -> [B, T, D]."""
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None, first_only: bool = False
+    ) -> torch.Tensor:
+        """x [B, T, D]; attn_mask additive, broadcastable to [B, H, T, T] -> [B, T, D]. With
+        ``first_only`` only the first token's query is computed: [B, 1, D] (keys and values
+        still come from every token)."""
         b, t, d = x.shape
-        bias = torch.cat((self.q_bias, torch.zeros_like(self.v_bias), self.v_bias))
-        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, t, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, H, T, D/H]
+        kv_bias = torch.cat((torch.zeros_like(self.v_bias), self.v_bias))
+        if first_only:
+            q = F.linear(x[:, :1], self.qkv.weight[:d], self.q_bias)
+            kv = F.linear(x, self.qkv.weight[d:], kv_bias)
+            attn_mask = None if attn_mask is None else attn_mask[..., :1, :]
+        else:
+            qkv = F.linear(x, self.qkv.weight, torch.cat((self.q_bias, kv_bias)))
+            q, kv = qkv[..., :d], qkv[..., d:]
+        q = q.reshape(b, -1, self.num_heads, d // self.num_heads).transpose(1, 2)
+        k, v = kv.reshape(b, t, 2, self.num_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, T, D/H]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+        return self.proj(out.transpose(1, 2).reshape(b, -1, d))
 
 
 class Block(nn.Module):
@@ -153,10 +164,17 @@ class Block(nn.Module):
         return drop_path(x, self.drop_path_rate, self.training)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None, modality: str
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        modality: str,
+        first_only: bool = False,
     ) -> torch.Tensor:
-        """x [B, T, D] -> [B, T, D]; ``modality`` picks the FFN: text, image or vl."""
-        x = x + self._branch(self.attn(self.norm1(x), attn_mask), self.gamma_1)
+        """x [B, T, D] -> [B, T, D]; ``modality`` picks the FFN: text, image or vl. With
+        ``first_only``, the first token's output alone [B, 1, D] (attention reads every token;
+        stochastic depth draws the same per-sample masks as the whole block)."""
+        attended = self.attn(self.norm1(x), attn_mask, first_only)
+        x = (x[:, :1] if first_only else x) + self._branch(attended, self.gamma_1)
         if modality == IMAGE:
             return x + self._branch(self.mlp_imag(self.norm2_imag(x)), self.gamma_2)
         if modality == TEXT:
@@ -394,8 +412,10 @@ class VlmoModel(nn.Module):
         modality: str,
         biases: list[torch.Tensor | None],
         layers: range,
+        first_only: bool = False,
     ) -> torch.Tensor:
-        """Run ``layers`` on x [B, T, D]; ``pad`` [B, T] (1 = real token) masks keys."""
+        """Run ``layers`` on x [B, T, D]; ``pad`` [B, T] (1 = real token) masks keys. With
+        ``first_only`` the last of ``layers`` computes the first token alone: [B, 1, D]."""
         key_mask = None
         if pad is not None:
             blocked = torch.zeros(pad.shape, dtype=x.dtype, device=x.device)
@@ -406,7 +426,7 @@ class VlmoModel(nn.Module):
             if bias is not None:
                 bias = bias.unsqueeze(0).to(x.dtype)
             mask = bias if key_mask is None else key_mask if bias is None else bias + key_mask
-            x = self.transformer.blocks[i](x, mask, modality)
+            x = self.transformer.blocks[i](x, mask, modality, first_only and i == layers[-1])
         return x
 
     def _unimodal_biases(self, modality: str) -> list[torch.Tensor | None]:
@@ -414,11 +434,18 @@ class VlmoModel(nn.Module):
         return self._biases(index)
 
     def unimodal_layers(
-        self, x: torch.Tensor, pad: torch.Tensor | None, modality: str, layers: range
+        self,
+        x: torch.Tensor,
+        pad: torch.Tensor | None,
+        modality: str,
+        layers: range,
+        first_only: bool = False,
     ) -> torch.Tensor:
         """Layers ``layers`` of the image-only or text-only pass (the modality's own FFN), not
-        normed: layers 0..k-1 then k..depth-1 make ``unimodal``'s pass before its final norm."""
-        return self._run(x, pad, modality, self._unimodal_biases(modality), layers)
+        normed: layers 0..k-1 then k..depth-1 make ``unimodal``'s pass before its final norm.
+        ``first_only``: the last layer computes the [CLS] alone, [B, 1, D] (what ITC reads)."""
+        biases = self._unimodal_biases(modality)
+        return self._run(x, pad, modality, biases, layers, first_only)
 
     def unimodal(
         self, x: torch.Tensor, pad: torch.Tensor | None, modality: str, with_vl: bool = False

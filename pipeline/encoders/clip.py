@@ -19,7 +19,12 @@ from pathlib import Path
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import Transformer, VisionTransformer, text_global_pool
+from open_clip.transformer import (
+    ResidualAttentionBlock,
+    Transformer,
+    VisionTransformer,
+    text_global_pool,
+)
 from PIL import Image
 
 from pipeline.encoders import register_encoder
@@ -50,6 +55,59 @@ def run_blocks(
     for i in layers:
         x = transformer.resblocks[i](x, attn_mask=attn_mask)
     return x if transformer.batch_first else x.transpose(0, 1)
+
+
+def run_blocks_to_token(
+    transformer: Transformer,
+    x: torch.Tensor,
+    layers: range,
+    index: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Blocks ``layers`` on batch-first x [B, T, D], returning only token ``index[b]`` of each
+    row [B, D]: the last block computes that token alone (``token_block``), which is all the
+    pooled output reads; the others run whole."""
+    last = transformer.resblocks[layers[-1]] if layers else None
+    if type(last) is not ResidualAttentionBlock:  # no block, or open_clip's custom block
+        x = run_blocks(transformer, x, layers, attn_mask)
+        return x[torch.arange(len(x), device=x.device), index]
+    x = run_blocks(transformer, x, layers[:-1], attn_mask)
+    return token_block(last, x, index, attn_mask)
+
+
+def token_block(
+    block: ResidualAttentionBlock,
+    x: torch.Tensor,
+    index: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row b's token ``index[b]`` of ``block(x, attn_mask)`` [B, D], for batch-first x [B, T, D].
+
+    Keys and values come from every token (``ln_1`` and their projections), the query, the
+    out-projection, both residuals, ``ln_2`` and the MLP from that token alone: the same
+    maths as the whole block, on the block's own weights, with its attention dropout."""
+    attn, rows = block.attn, torch.arange(len(x), device=x.device)
+    b, t, d = x.shape
+    heads = attn.num_heads
+    h = block.ln_1(x)
+    q = F.linear(h[rows, index], attn.in_proj_weight[:d], attn.in_proj_bias[:d])
+    k, v = F.linear(h, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).chunk(2, dim=-1)
+    q = q.view(b, heads, 1, d // heads)
+    k, v = (z.view(b, t, heads, d // heads).transpose(1, 2) for z in (k, v))
+    mask = None if attn_mask is None else attn_mask[index].to(q.dtype)[:, None, None, :]
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    y = x[rows, index] + block.ls_1(attn.out_proj(out.reshape(b, d)))
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+def pooled_index(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor | None:
+    """The position of the token open_clip's text pooling reads in each row of ``ids`` [B, L]
+    (asked of ``text_global_pool`` itself, on the positions), or None when it reads them all."""
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(ids.shape[0], -1)
+    picked = text_global_pool(positions[..., None], ids, model.text_pool_type,
+                              eos_token_id=getattr(model, "text_eos_id", None))  # fmt: skip
+    return picked[:, 0] if picked.ndim == 2 else None
 
 
 @contextmanager
@@ -136,10 +194,15 @@ class ClipEncoder(Encoder):
         return self._tokenizer(list(texts))
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_image(images)
+        """open_clip's ``encode_image``; a ViT tower runs as prefix and suffix at block 0, so
+        that its last block computes the pooled token alone."""
+        if not isinstance(self.model.visual, VisionTransformer):
+            return self.model.encode_image(images)
+        return self.image_suffix(self.image_prefix(images, 0), 0)
 
     def encode_texts(self, tokens: Tokens) -> torch.Tensor:
-        return self.model.encode_text(_ids(tokens))
+        """open_clip's ``encode_text``, as prefix and suffix at block 0 (see ``text_suffix``)."""
+        return self.text_suffix(self.text_prefix(tokens, 0), 0)
 
     def _visual(self) -> VisionTransformer:
         """The image tower, if it is open_clip's ViT (the only one that splits into blocks)."""
@@ -155,10 +218,16 @@ class ClipEncoder(Encoder):
         return {"states": run_blocks(visual.transformer, visual._embeds(images), range(k))}
 
     def image_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
-        """ViT blocks k.., the pooling with ``ln_post`` and the projection, as ``forward``."""
-        visual = self._visual()
+        """ViT blocks k.., the pooling with ``ln_post`` and the projection, as ``forward``. With
+        class-token pooling (``pool_type`` 'tok', no attentional pooler) the last block and
+        ``ln_post`` compute the class token alone; other poolings read every token."""
+        visual, states = self._visual(), prefix["states"]
         blocks = range(k, len(visual.transformer.resblocks))
-        pooled, _ = visual._pool(run_blocks(visual.transformer, prefix["states"], blocks))
+        if visual.attn_pool is None and visual.pool_type == "tok":
+            first = torch.zeros(len(states), dtype=torch.long, device=states.device)
+            pooled = visual.ln_post(run_blocks_to_token(visual.transformer, states, blocks, first))
+        else:
+            pooled, _ = visual._pool(run_blocks(visual.transformer, states, blocks))
         return pooled if visual.proj is None else pooled @ visual.proj
 
     def text_prefix(self, tokens: Tokens, k: int) -> Prefix:
@@ -171,12 +240,18 @@ class ClipEncoder(Encoder):
 
     def text_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
         """Text blocks k.., ``ln_final``, the end-of-text pooling and the projection, as
-        open_clip's ``encode_text``."""
-        model = self.model
+        open_clip's ``encode_text``; the last block and ``ln_final`` compute the pooled token
+        alone (its query attends to the positions the causal mask leaves it)."""
+        model, states, ids = self.model, prefix["states"], prefix["ids"]
         blocks = range(k, len(model.transformer.resblocks))
-        x = model.ln_final(run_blocks(model.transformer, prefix["states"], blocks, model.attn_mask))
-        x = text_global_pool(x, prefix["ids"], model.text_pool_type,
-                             eos_token_id=getattr(model, "text_eos_id", None))  # fmt: skip
+        index = pooled_index(model, ids)
+        if index is not None:
+            x = run_blocks_to_token(model.transformer, states, blocks, index, model.attn_mask)
+            x = model.ln_final(x)
+        else:
+            x = model.ln_final(run_blocks(model.transformer, states, blocks, model.attn_mask))
+            x = text_global_pool(x, ids, model.text_pool_type,
+                                 eos_token_id=getattr(model, "text_eos_id", None))  # fmt: skip
         if model.text_projection is None:
             return x
         if isinstance(model.text_projection, torch.nn.Linear):

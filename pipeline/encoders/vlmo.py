@@ -199,10 +199,11 @@ class VlmoEncoder(Encoder):
         return {"states": self.model.unimodal_layers(x, None, IMAGE, range(k))}
 
     def image_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
-        """Image-only layers k.. (V-FFN), the final norm and ``itc_image_proj`` of the [CLS]."""
+        """Image-only layers k.. (V-FFN), the final norm and ``itc_image_proj`` of the [CLS];
+        the last layer computes the [CLS] alone."""
         m = self.model
-        x = m.unimodal_layers(prefix["states"], None, IMAGE, range(k, self.config.depth))
-        return m.itc_image_proj(m.transformer.norm(x)[:, 0])
+        x = m.unimodal_layers(prefix["states"], None, IMAGE, range(k, self.config.depth), True)
+        return m.itc_image_proj(m.transformer.norm(x[:, 0]))
 
     def text_prefix(self, tokens: Tokens, k: int) -> Prefix:
         """Text embeddings, then text-only layers 0..k-1; the attention mask travels along."""
@@ -211,10 +212,11 @@ class VlmoEncoder(Encoder):
         return {"states": x, "mask": mask}
 
     def text_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
-        """Text-only layers k.. (L-FFN), the final norm and ``itc_text_proj`` of the [CLS]."""
+        """Text-only layers k.. (L-FFN), the final norm and ``itc_text_proj`` of the [CLS];
+        the last layer computes the [CLS] alone (attending to the unpadded tokens)."""
         m, mask = self.model, prefix["mask"]
-        x = m.unimodal_layers(prefix["states"], mask, TEXT, range(k, self.config.depth))
-        return m.itc_text_proj(m.transformer.norm(x)[:, 0])
+        x = m.unimodal_layers(prefix["states"], mask, TEXT, range(k, self.config.depth), True)
+        return m.itc_text_proj(m.transformer.norm(x[:, 0]))
 
     def freeze_lower_layers(self, n: int) -> int:
         """As ``Encoder.freeze_lower_layers``; the relative position bias table, shared by
