@@ -61,6 +61,106 @@ def propagate(
     return total / (n_layers + 1)
 
 
+def row_slice(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows ``rows`` [R] of the CSR ``matrix`` [N, M] as a CSR [R, M] (entries kept in order,
+    so each row's product sums the same terms in the same order as the full matrix's)."""
+    crow, col, values = matrix.crow_indices(), matrix.col_indices(), matrix.values()
+    start = crow[rows]
+    counts = crow[rows + 1] - start
+    sliced_crow = torch.zeros(len(rows) + 1, dtype=crow.dtype, device=crow.device)
+    torch.cumsum(counts, 0, out=sliced_crow[1:])
+    offsets = torch.repeat_interleave(start - sliced_crow[:-1], counts)
+    at = offsets + torch.arange(len(offsets), dtype=crow.dtype, device=crow.device)
+    shape = (len(rows), matrix.shape[1])
+    return torch.sparse_csr_tensor(sliced_crow, col[at], values[at], shape, check_invariants=False)
+
+
+class _RowsSpMM(torch.autograd.Function):
+    """``(matrix @ x)[rows]`` through the row slice alone: the backward multiplies by the
+    slice's transpose, so neither pass touches the other rows."""
+
+    @staticmethod
+    def forward(ctx, matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor):
+        sliced = row_slice(matrix, rows)
+        ctx.sliced = sliced
+        return sliced @ x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, None, ctx.sliced.t() @ grad
+
+
+def rows_spmm(matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``(matrix @ x)[rows]`` for a constant CSR ``matrix``, differentiable in ``x``, at the
+    cost of the ``rows`` only."""
+    return _RowsSpMM.apply(matrix, rows, x)
+
+
+def bipartite_blocks(adjacency: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two off-diagonal blocks of a coalesced bipartite user-item ``adjacency`` (COO,
+    users first), as CSR: user -> item [U, I] and item -> user [I, U], same values. Each is
+    the other's transpose when the adjacency is symmetric."""
+    index, values = adjacency.indices(), adjacency.values()
+    n_items = adjacency.shape[0] - n_users
+    users_first = index[0] < n_users
+    shift = torch.tensor([[0], [n_users]], device=index.device)
+    blocks = []
+    for keep, offset, shape in (
+        (users_first, shift, (n_users, n_items)),
+        (~users_first, shift.flip(0), (n_items, n_users)),
+    ):
+        coo = torch.sparse_coo_tensor(
+            index[:, keep] - offset, values[keep], shape, is_coalesced=True, check_invariants=False
+        )
+        blocks.append(to_csr(coo))
+    return blocks[0], blocks[1]
+
+
+def propagate_bipartite(
+    user_items: torch.Tensor,
+    item_users: torch.Tensor,
+    users: torch.Tensor,
+    items: torch.Tensor,
+    n_layers: int,
+    user_rows: torch.Tensor | None = None,
+    item_rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``propagate`` over a bipartite graph of K channels whose users all start from the same
+    ``users`` [U, d]: items start from ``items`` [I, K * d]. Returns (users [U, K, d],
+    items [I, K, d]), or only the ``user_rows`` / ``item_rows`` when given.
+
+    The same sums as ``propagate`` on [users repeated K times ; items] over the full graph
+    (``user_items`` [U, I] and ``item_users`` [I, U] are its blocks, each the other's
+    transpose), for less work: by linearity the part that started on the users is the same in
+    every channel and is propagated once at width d, and each layer multiplies by the one block
+    that can reach a side (a bipartite graph alternates sides); the last layer is computed at
+    the requested rows only.
+    """
+    d = users.shape[1]
+    user_side, item_side = [users], [items]  # layer k of each side: width d or K * d
+    for layer in range(1, n_layers + 1):
+        last = layer == n_layers
+        on_users, on_items = user_side[-1], item_side[-1]
+        if last and user_rows is not None:
+            user_side.append(rows_spmm(user_items, user_rows, on_items))
+        else:
+            user_side.append(constant_spmm(user_items, on_items, item_users))
+        if last and item_rows is not None:
+            item_side.append(rows_spmm(item_users, item_rows, on_users))
+        else:
+            item_side.append(constant_spmm(item_users, on_users, user_items))
+    outputs = []
+    for side, rows in ((user_side, user_rows), (item_side, item_rows)):
+        total = None
+        for layer, tensor in enumerate(side):
+            if rows is not None and (layer < n_layers or layer == 0):
+                tensor = tensor[rows]
+            tensor = tensor.view(tensor.shape[0], -1, d)  # [R, 1 or K, d]: broadcast over K
+            total = tensor if total is None else total + tensor
+        outputs.append((total / (n_layers + 1)).expand(-1, items.shape[1] // d, -1))
+    return outputs[0], outputs[1]
+
+
 def sym_normalize(index: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     """D^-1/2 A D^-1/2 of the [n, n] sparse matrix given by COO ``index`` [2, E] and ``values``.
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from graphs import clustered as make_clustered
 
-from pipeline.graph import propagate, to_csr
+from pipeline.graph import propagate, sym_normalize, to_csr
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import ItemFeatures, get_recommender
 from pipeline.recommenders.mmgcl import MMGCL, info_nce
@@ -208,21 +208,57 @@ def test_mmgcl_masks_one_modality_and_hard_negatives_swap_one_channel():
     data = clustered()
     model = build("mmgcl", {"mask_image_p": 1.0}, data)
     assert isinstance(model, MMGCL) and model.masked_modality() == "image"
-    clean, masked = model._inputs(), model._inputs(masked="image")
-    u, d = data.n_users, model.config.embedding_size
-    assert torch.equal(clean[:, 2 * d :], masked[:, 2 * d :])  # ID and text untouched
-    assert not torch.allclose(clean[u:, d : 2 * d], masked[u:, d : 2 * d])
+    channels = model.item_channels()
+    _, masked, random = model._draw_views(channels)
+    assert masked == 1 and random.shape == channels[1].shape  # the image channel
+    assert not torch.allclose(random, channels[1])
     assert build("mmgcl", {"mask_image_p": 0.0}, data).masked_modality() == "text"
     assert build("mmgcl", {}, data, image=False).masked_modality() == "text"
-    channels = torch.randn(10, 3, d)
+    channels = torch.randn(10, 3, model.config.embedding_size)
     swapped = model._swap_modality(channels)
     changed = (swapped != channels).any(dim=2)  # [10, 3]
     assert changed[:, 0].sum() == 0 and (changed.sum(dim=1) == 1).all()
     assert model._swap_modality(channels[:1]) is None
-    dropped = model.edge_dropped_adjacency().to_dense()
-    kept = (dropped[:u, u:] > 0).sum().item()
+    user_items, item_users = (block.to_dense() for block in model.edge_dropped_blocks())
+    kept = (user_items > 0).sum().item()
     assert 0.5 * data.n_train < kept < 0.9 * data.n_train  # about 70% of the edges
-    torch.testing.assert_close(dropped, dropped.T)
+    torch.testing.assert_close(user_items, item_users.T)
+
+
+def test_mmgcl_edge_dropped_blocks_are_the_normalised_kept_graph():
+    data = clustered()
+    model = build("mmgcl", {}, data)
+    torch.manual_seed(3)
+    user_items, item_users = model.edge_dropped_blocks()
+    torch.manual_seed(3)  # the reference: the same draw, the kept graph normalised as a whole
+    keep = torch.rand(data.n_train) >= model.config.dropout_rate
+    users, items = model.edge_users[keep], model.edge_items[keep] + data.n_users
+    index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
+    n = data.n_users + data.n_items
+    full = sym_normalize(index, torch.ones(index.shape[1]), n).to_dense()
+    u = data.n_users
+    assert torch.equal(user_items.to_dense(), full[:u, u:])
+    assert torch.equal(item_users.to_dense(), full[u:, :u])
+
+
+def test_channel_propagation_matches_the_full_graph_at_any_rows():
+    data = clustered()
+    model = build("slmrec", {"n_layers": 3}, data)
+    d, u = model.config.embedding_size, data.n_users
+    items = torch.cat(model.item_channels(), dim=1)
+    full = propagate(model.adjacency, model.stack(list(items.split(d, dim=1))), 3)
+    full = full.view(full.shape[0], -1, d)
+    users_out, items_out = model.propagate_channels(items)
+    assert torch.equal(users_out, full[:u]) and torch.equal(items_out, full[u:])
+    user_rows, item_rows = torch.tensor([0, 3, u - 1]), torch.tensor([2, 5])
+    rows_users, rows_items = model.propagate_channels(items, user_rows, item_rows)
+    assert torch.equal(rows_users, full[user_rows]) and torch.equal(rows_items, full[u + item_rows])
+    weights = torch.randn_like(rows_users)
+    params = [model.user_embedding, model.item_embedding]
+    grads = torch.autograd.grad((rows_users * weights).sum(), params)
+    expected = torch.autograd.grad((full[user_rows] * weights).sum(), params)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_slmrec_feature_masking_zeroes_two_different_channels():

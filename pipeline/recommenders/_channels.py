@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import normalized_adjacency, to_csr
+from pipeline.graph import bipartite_blocks, normalized_adjacency, propagate_bipartite, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
 
@@ -60,7 +60,11 @@ class ChannelRecommender(GraphRecommender):
         self.item_readout = nn.Linear(self.n_channels * d, d)
         for layer in (*self.projections.values(), self.user_readout, self.item_readout):
             nn.init.xavier_uniform_(layer.weight)
-        self.register_buffer("adjacency", to_csr(normalized_adjacency(data)), persistent=False)
+        adjacency = normalized_adjacency(data)
+        self.register_buffer("adjacency", to_csr(adjacency), persistent=False)
+        user_items, item_users = bipartite_blocks(adjacency, self.n_users)
+        self.register_buffer("user_items", user_items, persistent=False)
+        self.register_buffer("item_users", item_users, persistent=False)
 
     def set_item_features(self, features: ItemFeatures) -> None:
         """Read ``features`` (L2-normalised) from now on."""
@@ -80,6 +84,28 @@ class ChannelRecommender(GraphRecommender):
             self.item_embedding,
             *(self.projections[m](getattr(self, f"{m}_features")) for m in self.modalities),
         ]
+
+    def propagate_channels(
+        self,
+        items: torch.Tensor,
+        user_rows: torch.Tensor | None = None,
+        item_rows: torch.Tensor | None = None,
+        graph: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LightGCN of K channels that share the user ID embeddings, from item inputs
+        [I, K * d], over the train graph (or ``graph``'s user -> item and item -> user blocks):
+        (users [U, K, d], items [I, K, d]), or only ``user_rows`` / ``item_rows``. The same
+        sums as propagating ``stack`` over the whole graph, for a fraction of the work."""
+        user_items, item_users = graph or (self.user_items, self.item_users)
+        return propagate_bipartite(
+            user_items,
+            item_users,
+            self.user_embedding,
+            items,
+            self.config.n_layers,
+            user_rows,
+            item_rows,
+        )
 
     def stack(self, items: list[torch.Tensor]) -> torch.Tensor:
         """Users' ID embedding repeated per channel over the item channels: [U + I, C * d]."""

@@ -24,17 +24,21 @@ Departs from the reference where the reference contradicts the paper: its two In
 both contrast users with their positive items inside view 1 (view 2 and its hard negatives are
 computed but unused), its "modality masking" drops nodes of the masked modality's graph, and
 its text-masking branch swaps the image and text inputs. Runs with image only, text only or
-both (the reference needs both). Propagated embeddings are cached while in eval mode.
+both (the reference needs both). Propagated embeddings are cached while in eval mode. A
+training step projects the features once, propagates view 2 beside the main graph (they differ
+in the masked channel's item inputs alone; the user-side part all channels share goes once),
+and stops every propagation and read-out at the rows the loss reads: the same sums as the
+full passes, with the random draws in the reference's order.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.graph import propagate, sym_normalize, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
@@ -88,38 +92,41 @@ class MMGCL(ChannelRecommender):
 
     def __init__(self, data: InteractionData, features: ItemFeatures, config: MMGCLConfig):
         super().__init__(data, features, config)
-        self.register_buffer("edge_users", torch.from_numpy(data.train_users), persistent=False)
-        self.register_buffer("edge_items", torch.from_numpy(data.train_items), persistent=False)
-
-    def _inputs(self, masked: str | None = None) -> torch.Tensor:
-        """Layer-0 embeddings of all channels, [U + I, C * d]; the ``masked`` modality's item
-        inputs are replaced by random embeddings of the same scale."""
-        items = self.item_channels()
-        for k, name in enumerate(self.modalities, start=1):
-            if name == masked:
-                items[k] = torch.randn_like(items[k]) * items[k].detach().std()
-        return self.stack(items)
-
-    def _channels(
-        self, adjacency: torch.Tensor, masked: str | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Propagated channels over ``adjacency``: (users [U, C, d], items [I, C, d])."""
-        out = propagate(adjacency, self._inputs(masked), self.config.n_layers)
-        out = out.view(-1, self.n_channels, self.config.embedding_size)
-        return out[: self.n_users], out[self.n_users :]
+        users, items = data.train_users, data.train_items
+        self.register_buffer("edge_users", torch.from_numpy(users), persistent=False)
+        self.register_buffer("edge_items", torch.from_numpy(items), persistent=False)
+        # the edges in the order of the graph blocks' CSR entries (user -> item, item -> user)
+        for name, order in (("by_user", (items, users)), ("by_item", (users, items))):
+            self.register_buffer(name, torch.from_numpy(np.lexsort(order)), persistent=False)
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (users [U, d], items [I, d]) of the un-augmented graph."""
-        return self.read(*self._channels(self.adjacency))
+        return self.read(*self.propagate_channels(torch.cat(self.item_channels(), dim=1)))
 
-    def edge_dropped_adjacency(self) -> torch.Tensor:
-        """The normalised train graph after dropping each edge with prob. ``dropout_rate``."""
+    def edge_dropped_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised train graph after dropping each edge with prob. ``dropout_rate``, as
+        its user -> item and item -> user blocks (CSR). Built from the kept edges in block order,
+        no sort: the same values and entry order as normalising and splitting the kept graph."""
         keep = torch.rand(self.edge_users.shape[0], device=self.edge_users.device)
         keep = keep >= self.config.dropout_rate
-        users, items = self.edge_users[keep], self.edge_items[keep] + self.n_users
-        index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
-        values = torch.ones(index.shape[1], device=index.device)
-        return to_csr(sym_normalize(index, values, self.n_users + self.n_items))
+        n_users, n_items = self.n_users, self.n_items
+        ends = torch.cat([self.edge_users[keep], self.edge_items[keep] + n_users])
+        degree = torch.bincount(ends, minlength=n_users + n_items).float()
+        inv_sqrt = torch.where(
+            degree > 0, degree.clamp(min=1e-12).rsqrt(), torch.zeros_like(degree)
+        )
+        blocks = []
+        for order, rows, cols, shape, row_offset, col_offset in (
+            (self.by_user, self.edge_users, self.edge_items, (n_users, n_items), 0, n_users),
+            (self.by_item, self.edge_items, self.edge_users, (n_items, n_users), n_users, 0),
+        ):
+            kept = order[keep[order]]
+            row, col = rows[kept], cols[kept]
+            crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=row.device)
+            torch.cumsum(torch.bincount(row, minlength=shape[0]), 0, out=crow[1:])
+            values = inv_sqrt[row + row_offset] * inv_sqrt[col + col_offset]
+            blocks.append(torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False))
+        return blocks[0], blocks[1]
 
     def masked_modality(self) -> str:
         """The modality masked in view 2: image with prob. ``mask_image_p`` when both exist."""
@@ -127,14 +134,27 @@ class MMGCL(ChannelRecommender):
             return self.modalities[0]
         return "image" if torch.rand(()).item() < self.config.mask_image_p else "text"
 
+    def _draw_views(
+        self, channels: list[torch.Tensor]
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], int, torch.Tensor]:
+        """The random parts of the two views, in the reference's order: the edge-dropped graph
+        (view 1), the masked channel's index and its random item inputs of the same scale
+        (view 2)."""
+        graph = self.edge_dropped_blocks()
+        masked = 1 + self.modalities.index(self.masked_modality())
+        random = torch.randn_like(channels[masked]) * channels[masked].detach().std()
+        return graph, masked, random
+
     def _view_channels(
         self, users: torch.Tensor, items: torch.Tensor
     ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
         """Channel stacks of ``users`` and ``items`` in the edge-dropout view and the
         modality-masking view: ((users [n, C, d], items [m, C, d]), (same for view 2))."""
-        u1, i1 = self._channels(self.edge_dropped_adjacency())
-        u2, i2 = self._channels(self.adjacency, masked=self.masked_modality())
-        return (u1[users], i1[items]), (u2[users], i2[items])
+        channels = self.item_channels()
+        graph, masked, random = self._draw_views(channels)
+        first = self.propagate_channels(torch.cat(channels, dim=1), users, items, graph)
+        channels[masked] = random
+        return first, self.propagate_channels(torch.cat(channels, dim=1), users, items)
 
     def views(
         self, users: torch.Tensor, items: torch.Tensor
@@ -157,27 +177,58 @@ class MMGCL(ChannelRecommender):
         swapped[rows, channel] = channels[partner, channel]
         return swapped
 
-    def ssl_loss(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """InfoNCE between the two views, for the unique ``users`` plus the unique ``items``."""
-        (u1, i1), (u2, i2) = self._view_channels(users.unique(), items.unique())
-        total = torch.zeros((), device=u1.device)
-        for read, first, second in ((self.user_readout, u1, u2), (self.item_readout, i1, i2)):
-            hard = self._swap_modality(second) if self.config.hard_negatives else None
+    def _contrast(
+        self,
+        first: tuple[torch.Tensor, torch.Tensor],
+        second: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """InfoNCE between the two views' channel stacks, for the users plus the items."""
+        total = torch.zeros((), device=first[0].device)
+        for read, one, two in (
+            (self.user_readout, first[0], second[0]),
+            (self.item_readout, first[1], second[1]),
+        ):
+            hard = self._swap_modality(two) if self.config.hard_negatives else None
             total = total + info_nce(
-                read(first.flatten(1)),
-                read(second.flatten(1)),
+                read(one.flatten(1)),
+                read(two.flatten(1)),
                 self.config.ssl_temp,
                 None if hard is None else read(hard.flatten(1)),
             )
         return total
 
+    def ssl_loss(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """InfoNCE between the two views, for the unique ``users`` plus the unique ``items``."""
+        return self._contrast(*self._view_channels(users.unique(), items.unique()))
+
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """BPR on the final embeddings + ssl_weight * SSL + reg_weight * EmbLoss (ID layer)."""
-        user_all, item_all = self.forward()
-        u, p, n = user_all[users], item_all[pos], item_all[neg]  # [B, d] each
+        """BPR on the final embeddings + ssl_weight * SSL + reg_weight * EmbLoss (ID layer).
+
+        One pass serves the loss and view 2: the feature projections run once, the main graph
+        propagates the channels plus view 2's one masked channel side by side (the views share
+        the rest), and every propagation and read-out stops at the rows the loss reads. Random
+        draws as ``ssl_loss``."""
+        channels = self.item_channels()
+        c, ssl = self.n_channels, self.config.ssl_weight > 0
+        if ssl:
+            graph, masked, random = self._draw_views(channels)
+        inputs = torch.cat([*channels, random] if ssl else channels, dim=1)
+        user_rows, user_at = users.unique(return_inverse=True)
+        item_rows, item_at = torch.cat([pos, neg]).unique(return_inverse=True)
+        user_ch, item_ch = self.propagate_channels(inputs, user_rows, item_rows)
+        user_final, item_final = self.read(user_ch[:, :c], item_ch[:, :c])
+        u = user_final[user_at]  # [B, d] each
+        p, n = item_final[item_at[: len(pos)]], item_final[item_at[len(pos) :]]
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
         ego = (self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg])
         total = ranking + self.config.reg_weight * l2_reg(*ego)
-        if self.config.ssl_weight > 0:
-            total = total + self.config.ssl_weight * self.ssl_loss(users, pos)
+        if ssl:
+            pos_rows = torch.searchsorted(item_rows, pos.unique())
+            view = list(range(c))
+            view[masked] = c
+            second = (user_ch[:, view], item_ch[pos_rows][:, view])
+            first = self.propagate_channels(
+                torch.cat(channels, dim=1), user_rows, item_rows[pos_rows], graph
+            )
+            total = total + self.config.ssl_weight * self._contrast(first, second)
         return total

@@ -28,7 +28,8 @@ per modality step (MMRec keeps a second one for the absent audio step, a linear 
 with the next, so no more expressive); feature masking draws its two channels from the
 present ones (MMRec draws from four slots, one the absent audio, so a view may go unmasked);
 it runs with image only, text only or both (MMRec needs both); propagated embeddings are
-cached while in eval mode.
+cached while in eval mode; the loss propagates (the user-side part the channels share once) and
+reads out only the batch's rows, the same sums as MMRec's full pass.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class SLMRec(ChannelRecommender):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Final (users [U, d], items [I, d]) of the un-augmented graph."""
-        return self.read(*self._channels(self._inputs()))
+        return self.read(*self.propagate_channels(torch.cat(self.item_channels(), dim=1)))
 
     def fac_loss(self, item_channels: torch.Tensor) -> torch.Tensor:
         """Fine-and-coarse alignment of the items' channels [m, C, d]: the projected ID channel
@@ -147,29 +148,37 @@ class SLMRec(ChannelRecommender):
     def ssl_loss(
         self, users: torch.Tensor, items: torch.Tensor, item_channels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The SSL task on the unique ``users`` and ``items``; ``fac`` reads the items' rows of
-        ``item_channels`` [I, C, d] (the un-augmented channels, computed if None)."""
+        """The SSL task on the unique ``users`` and ``items``; ``fac`` reads ``item_channels``
+        [m, C, d], the un-augmented channels of the unique items (computed if None)."""
         users, items = users.unique(), items.unique()
         if self.config.ssl_task == "fac":
             if item_channels is None:
-                item_channels = self._channels(self._inputs())[1]
-            return self.fac_loss(item_channels[items])
+                inputs = torch.cat(self.item_channels(), dim=1)
+                item_channels = self.propagate_channels(inputs, users, items)[1]
+            return self.fac_loss(item_channels)
         (u1, i1), (u2, i2) = self.views(users, items)
         temp = self.config.ssl_temp
         return info_nce(u1, u2, temp) + info_nce(i1, i2, temp)
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-        """Main loss (InfoNCE or BPR) + ssl_weight * SSL + reg_weight * EmbLoss (ID layer)."""
-        user_ch, item_ch = self._channels(self._inputs())
-        user_all, item_all = self.read(user_ch, item_ch)
-        u, p = user_all[users], item_all[pos]  # [B, d]
-        if self.config.main_loss == "infonce":
+        """Main loss (InfoNCE or BPR) + ssl_weight * SSL + reg_weight * EmbLoss (ID layer).
+        Propagated and read out at the batch's rows only: the loss reads no other."""
+        infonce = self.config.main_loss == "infonce"
+        user_rows, user_at = users.unique(return_inverse=True)
+        item_rows, item_at = (pos if infonce else torch.cat([pos, neg])).unique(return_inverse=True)
+        inputs = torch.cat(self.item_channels(), dim=1)
+        user_ch, item_ch = self.propagate_channels(inputs, user_rows, item_rows)
+        user_final, item_final = self.read(user_ch, item_ch)
+        u, p = user_final[user_at], item_final[item_at[: len(pos)]]  # [B, d]
+        if infonce:
             main = info_nce(u, p, self.config.main_temp)
         else:
-            n = item_all[neg]
+            n = item_final[item_at[len(pos) :]]
             main = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
         ego = (self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg])
         total = main + self.config.reg_weight * l2_reg(*ego)
         if self.config.ssl_weight > 0:
+            if not infonce and self.config.ssl_task == "fac":  # the positives' rows
+                item_ch = item_ch[torch.searchsorted(item_rows, pos.unique())]
             total = total + self.config.ssl_weight * self.ssl_loss(users, pos, item_ch)
         return total
