@@ -19,9 +19,9 @@ reproduce that); every modality's preference is regularised (MMRec: only the ima
 ``n_layers`` is honoured (MMRec hard-codes three); all weights use Xavier-normal init;
 propagation is a sparse D^-1 A product (its transpose precomputed for the backward pass)
 instead of torch_geometric, taken before the layer weight ((A x) W, the same product as
-A (x W)); in training the last layer runs only on the batch's users and items, the only rows
-the loss reads (same loss, fewer dense products); the representation is cached while in eval
-mode.
+A (x W)); in training the last layer, its graph product included, runs only on the batch's
+users and items, the only rows the loss reads (same loss, fewer products); the
+representation is cached while in eval mode.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import constant_spmm, to_csr
+from pipeline.graph import constant_spmm, rows_spmm, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss
 from pipeline.recommenders import register_recommender
@@ -112,10 +112,11 @@ class ModalityGCN(nn.Module):
         for layer, (conv, linear, combine) in enumerate(
             zip(self.conv, self.linear, self.combine, strict=True)
         ):
-            mean = constant_spmm(adjacency[0], x, adjacency[1])  # (A x) W = A (x W)
             ids = id_embedding
-            if layer == last and rows is not None:
-                mean, x, ids = mean[rows], x[rows], id_embedding[rows]
+            if layer == last and rows is not None:  # the graph product of those rows alone
+                mean, x, ids = rows_spmm(adjacency[0], rows, x), x[rows], id_embedding[rows]
+            else:
+                mean = constant_spmm(adjacency[0], x, adjacency[1])  # (A x) W = A (x W)
             h = F.leaky_relu(mean @ conv)  # the neighbourhood
             x_hat = F.leaky_relu(linear(x)) + ids  # the node itself
             if self.concat:  # combine([h ; x_hat]) without materialising the concatenation
