@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.graph import sym_normalize, to_csr
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
@@ -127,6 +128,16 @@ class MMGCL(ChannelRecommender):
             values = inv_sqrt[row + row_offset] * inv_sqrt[col + col_offset]
             blocks.append(torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False))
         return blocks[0], blocks[1]
+
+    def edge_dropped_adjacency(self) -> torch.Tensor:
+        """The same edge-dropped graph as ``edge_dropped_blocks`` (same random draw), whole:
+        [(U + I), (U + I)] CSR, normalised as one matrix (the reference the blocks equal)."""
+        keep = torch.rand(self.edge_users.shape[0], device=self.edge_users.device)
+        keep = keep >= self.config.dropout_rate
+        users, items = self.edge_users[keep], self.edge_items[keep] + self.n_users
+        index = torch.cat([torch.stack([users, items]), torch.stack([items, users])], dim=1)
+        values = torch.ones(index.shape[1], device=index.device)
+        return to_csr(sym_normalize(index, values, self.n_users + self.n_items))
 
     def masked_modality(self) -> str:
         """The modality masked in view 2: image with prob. ``mask_image_p`` when both exist."""
