@@ -397,9 +397,7 @@ def model_params(name: str) -> dict[str, Any]:
     return dict((params.get("recommenders") or {}).get(name) or {})
 
 
-def bench_one(
-    name: str, size_name: str, folder: Path, args: argparse.Namespace
-) -> dict[str, Any]:
+def bench_one(name: str, size_name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Old vs new step times, the new step's split and its floor, for one model and size."""
     params = model_params(name)
     budget = args.budget * (args.elec_budget_factor if size_name == "elec" else 1.0)
