@@ -24,12 +24,12 @@ import numpy as np
 import torch
 import yaml
 from synthetic import ELEC, IMAGE_DIM, TEXT_DIM, synthetic_features, synthetic_interactions
-from timing import median_seconds
+from timing import chosen_models, median_seconds
 
 from pipeline.distributed import World
 from pipeline.evaluation import evaluate
 from pipeline.interactions import InteractionData, load_interactions
-from pipeline.recommenders import get_recommender, list_recommenders
+from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.sampling import epoch_batches
 from pipeline.seeding import seed_everything
@@ -330,11 +330,7 @@ def main() -> None:
     if args.scale_worker:
         scale_worker(args, args.scale_worker)
         return
-    known = list_recommenders()
-    names = args.models.split(",") if args.models else known
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        sys.exit(f"unknown model(s) {unknown}; registered: {known}")
+    names = chosen_models(args.models)
     (run_scale if args.scale else run_demo)(args, names)
 
 

@@ -510,13 +510,9 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    from pipeline.recommenders import list_recommenders
+    from timing import chosen_models
 
-    known = list_recommenders()
-    names = args.models.split(",") if args.models else known
-    unknown = sorted(set(names) - set(known))
-    if unknown:
-        sys.exit(f"unknown model(s) {unknown}; registered: {known}")
+    names = chosen_models(args.models)
     args.base_tree = args.base_tree.resolve()
     ensure_worktree(args.base_tree, args.base_rev)
     rows = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -15,3 +16,16 @@ def median_seconds(fn: Callable[[], object], reps: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def chosen_models(spec: str | None) -> list[str]:
+    """The registered recommenders named in a comma-separated ``--models`` value (all when
+    empty); exits naming any unknown one and what is registered."""
+    from pipeline.recommenders import list_recommenders
+
+    known = list_recommenders()
+    names = spec.split(",") if spec else known
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        sys.exit(f"unknown model(s) {unknown}; registered: {known}")
+    return names
