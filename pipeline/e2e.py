@@ -24,7 +24,6 @@ trained by the recommendation loss (``tests/test_e2e.py`` checks its gradients a
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import shutil
@@ -53,7 +52,7 @@ from pipeline.encoders.base import (
     to_device,
     uses_bf16,
 )
-from pipeline.features import ExtractConfig, extract_features, finish, gather_rows
+from pipeline.features import ExtractConfig, decode_image, extract_features, finish, gather_rows
 from pipeline.interactions import InteractionData
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
@@ -110,11 +109,7 @@ def decode_images(
     column: pa.ChunkedArray, ids: Sequence[int], transform: Callable[[Image.Image], torch.Tensor]
 ) -> torch.Tensor:
     """Rows ``ids`` of a JPEG-bytes column, decoded and preprocessed: [B, 3, H, W]."""
-    out = []
-    for i in ids:
-        with Image.open(io.BytesIO(column[i].as_py())) as img:
-            out.append(transform(img.convert("RGB")))
-    return torch.stack(out)
+    return torch.stack([decode_image(column[i].as_py(), transform) for i in ids])
 
 
 def items_sha256(items: pa.Table) -> str:

@@ -17,7 +17,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,12 @@ class FeatureSet:
     metadata: dict
 
 
+def decode_image(blob: bytes, transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
+    """One JPEG blob, decoded to RGB and preprocessed by the encoder's ``transform``."""
+    with Image.open(io.BytesIO(blob)) as img:
+        return transform(img.convert("RGB"))
+
+
 class _JpegDataset(Dataset):
     """Decodes JPEG bytes and applies the encoder's image transform (runs in worker processes).
 
@@ -80,8 +86,7 @@ class _JpegDataset(Dataset):
         return len(self.blobs)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(io.BytesIO(self.blobs[i].as_py())) as img:
-            return self.transform(img.convert("RGB"))
+        return decode_image(self.blobs[i].as_py(), self.transform)
 
 
 def _finish(batches: list[torch.Tensor], normalize: bool) -> np.ndarray:

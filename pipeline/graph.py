@@ -7,6 +7,7 @@ from FAISS top-k search, so no dense N x N matrix is ever built.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import faiss
 import numpy as np
@@ -59,6 +60,88 @@ def propagate(
             layer = F.dropout(layer, dropout, training=True)
         total = total + layer
     return total / (n_layers + 1)
+
+
+def compact_csr(matrix: torch.Tensor) -> torch.Tensor:
+    """The sparse ``matrix`` in CSR layout with int32 indices when they fit: the CPU sparse
+    product then skips converting its int64 indices to int32 on every call."""
+    csr = to_csr(matrix)
+    if csr.values().numel() >= 2**31 or max(csr.shape) >= 2**31:
+        return csr
+    return torch.sparse_csr_tensor(
+        csr.crow_indices().to(torch.int32),
+        csr.col_indices().to(torch.int32),
+        csr.values(),
+        csr.shape,
+        check_invariants=False,  # the indices of a valid CSR tensor
+    )
+
+
+def _scratch(buffers: dict[str, torch.Tensor], name: str, like: torch.Tensor) -> torch.Tensor:
+    """The reusable buffer ``name`` shaped and typed as ``like`` (reallocated on a change)."""
+    buf = buffers.get(name)
+    if buf is None or (buf.shape, buf.dtype, buf.device) != (like.shape, like.dtype, like.device):
+        buf = buffers[name] = torch.empty_like(like, memory_format=torch.contiguous_format)
+    return buf
+
+
+class _Smooth(torch.autograd.Function):
+    """LightGCN smoothing of [users; items] over a constant symmetric sparse graph: forward
+    (e + A e + ... + A^L e) / (L + 1), backward the same sum of products by Horner's rule;
+    the intermediate layers live in reused buffers. The float operations are those of the
+    layer-by-layer autograd graph (same products, additions in the same order), so the
+    results are bitwise the same."""
+
+    @staticmethod
+    def forward(ctx, users, items, adjacency, n_layers, buffers):  # type: ignore[override]
+        ctx.adjacency, ctx.n_layers, ctx.buffers = adjacency, n_layers, buffers
+        ctx.n_users = users.shape[0]
+        shape = (users.shape[0] + items.shape[0], users.shape[1])
+        ego = _scratch(buffers, "ego", users.new_empty(shape))
+        torch.cat([users, items], out=ego)
+        total = torch.empty_like(ego)
+        if n_layers == 0:
+            return torch.div(ego, 1, out=total)
+        layer = ego
+        for k in range(n_layers):
+            nxt = _scratch(buffers, "ab"[k % 2], ego)
+            torch.addmm(nxt, adjacency, layer, beta=0, out=nxt)
+            if k == 0:
+                torch.add(ego, nxt, out=total)
+            else:
+                total.add_(nxt)
+            layer = nxt
+        return total.div_(n_layers + 1)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        n_layers, buffers = ctx.n_layers, ctx.buffers
+        grad = grad.contiguous()
+        if n_layers == 0:
+            out = grad / 1
+        else:
+            share = torch.div(grad, n_layers + 1, out=_scratch(buffers, "g", grad))
+            cur = share
+            for k in range(n_layers):
+                last = k == n_layers - 1  # the returned gradient gets its own memory
+                out = torch.empty_like(grad) if last else _scratch(buffers, "ab"[k % 2], grad)
+                torch.addmm(out, ctx.adjacency, cur, beta=0, out=out)
+                out.add_(share)
+                cur = out
+        return out[: ctx.n_users], out[ctx.n_users :], None, None, None
+
+
+def smooth(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    adjacency: torch.Tensor,
+    n_layers: int,
+    buffers: dict[str, Any],
+) -> torch.Tensor:
+    """LightGCN's mean of the layer-0..``n_layers`` propagations of [users; items] by the
+    constant symmetric sparse ``adjacency``, [U + I, d], differentiable in both inputs;
+    ``buffers`` (a dict the caller keeps) holds the scratch reused by the next call."""
+    return _Smooth.apply(users, items, adjacency, n_layers, buffers)
 
 
 def row_slice(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -41,9 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.graph import (
+    compact_csr,
     constant_spmm,
     knn_neighbours,
     normalized_adjacency,
+    smooth,
     sym_normalize,
     to_csr,
 )
@@ -51,7 +53,6 @@ from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
-from pipeline.recommenders.lightgcn import compact_csr, smooth
 
 MODALITIES = ("image", "text")  # MMRec's order of the modality weights
 EDGE_CHUNK = 1 << 18  # edges whose gradients are computed at once (bounds the memory)
