@@ -201,8 +201,24 @@ class ClipEncoder(Encoder):
         return self.image_suffix(self.image_prefix(images, 0), 0)
 
     def encode_texts(self, tokens: Tokens) -> torch.Tensor:
-        """open_clip's ``encode_text``, as prefix and suffix at block 0 (see ``text_suffix``)."""
-        return self.text_suffix(self.text_prefix(tokens, 0), 0)
+        """open_clip's ``encode_text``, as prefix and suffix at block 0 (see ``text_suffix``),
+        on the batch's ids cut after its last pooled token (``causal_length``)."""
+        ids = _ids(tokens)
+        return self.text_suffix(self.text_prefix(ids[:, : self.causal_length(ids)], 0), 0)
+
+    def causal_length(self, ids: torch.Tensor) -> int:
+        """How many leading positions of ``ids`` [B, L] the pooled text output depends on: up to
+        the batch's last pooled token when the text tower is causal and pools one token (later
+        positions, padding, are never attended to by it), else all L."""
+        model = self.model
+        mask = model.attn_mask
+        index = pooled_index(model, ids)
+        if mask is None or index is None or len(ids) == 0:
+            return ids.shape[1]
+        causal = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+        if not torch.equal(torch.isinf(mask) & (mask < 0), causal):
+            return ids.shape[1]
+        return int(index.max()) + 1
 
     def _visual(self) -> VisionTransformer:
         """The image tower, if it is open_clip's ViT (the only one that splits into blocks)."""
@@ -235,21 +251,26 @@ class ClipEncoder(Encoder):
         (they pick the pooled end-of-text token)."""
         ids, model = _ids(tokens), self.model
         cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(ids).to(cast) + model.positional_embedding.to(cast)
-        return {"states": run_blocks(model.transformer, x, range(k), model.attn_mask), "ids": ids}
+        length = ids.shape[1]
+        x = model.token_embedding(ids).to(cast) + model.positional_embedding[:length].to(cast)
+        mask = _square(model.attn_mask, length)
+        return {"states": run_blocks(model.transformer, x, range(k), mask), "ids": ids}
 
     def text_suffix(self, prefix: Prefix, k: int) -> torch.Tensor:
         """Text blocks k.., ``ln_final``, the end-of-text pooling and the projection, as
         open_clip's ``encode_text``; the last block and ``ln_final`` compute the pooled token
-        alone (its query attends to the positions the causal mask leaves it)."""
+        alone (its query attends to the positions the causal mask leaves it), and positions
+        after the batch's last pooled token are dropped (``causal_length``)."""
         model, states, ids = self.model, prefix["states"], prefix["ids"]
+        length = self.causal_length(ids)
+        states, ids = states[:, :length], ids[:, :length]
+        mask = _square(model.attn_mask, length)
         blocks = range(k, len(model.transformer.resblocks))
         index = pooled_index(model, ids)
         if index is not None:
-            x = run_blocks_to_token(model.transformer, states, blocks, index, model.attn_mask)
-            x = model.ln_final(x)
+            x = model.ln_final(run_blocks_to_token(model.transformer, states, blocks, index, mask))
         else:
-            x = model.ln_final(run_blocks(model.transformer, states, blocks, model.attn_mask))
+            x = model.ln_final(run_blocks(model.transformer, states, blocks, mask))
             x = text_global_pool(x, ids, model.text_pool_type,
                                  eos_token_id=getattr(model, "text_eos_id", None))  # fmt: skip
         if model.text_projection is None:
@@ -320,6 +341,11 @@ class ClipEncoder(Encoder):
         )
         encoder.weights_sha256 = card["sha256"]
         return encoder.eval()
+
+
+def _square(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """The leading ``length`` x ``length`` block of an attention mask (None stays None)."""
+    return None if mask is None else mask[:length, :length]
 
 
 def _ids(tokens: Tokens) -> torch.Tensor:
