@@ -34,6 +34,7 @@ from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.sampling import epoch_batches
 from pipeline.seeding import seed_everything
 from pipeline.training import TrainConfig, _train_epoch
+from stages.params import model_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_INTERACTIONS = ROOT / "data/processed/demo/interactions.parquet"
@@ -51,9 +52,10 @@ def peak_rss_mib() -> float:
 
 
 def model_params(name: str) -> dict[str, Any]:
-    """The model's section of params.yaml (what the pipeline trains), or {} for defaults."""
+    """The model's hyperparameters in params.yaml (what the pipeline trains), or {} for
+    defaults."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
-    return dict((params.get("recommenders") or {}).get(name) or {})
+    return model_settings(params.get("recommenders"), name)[0]
 
 
 def load_demo() -> tuple[InteractionData, ItemFeatures]:

@@ -390,11 +390,14 @@ def save_data(size_name: str, seed: int, folder: Path) -> dict[str, int]:
 
 
 def model_params(name: str) -> dict[str, Any]:
-    """The model's section of params.yaml (what the pipeline trains), or {} for defaults."""
+    """The model's hyperparameters in params.yaml (what the pipeline trains), or {} for
+    defaults."""
     import yaml
 
+    from stages.params import model_settings
+
     params = yaml.safe_load((ROOT / "params.yaml").read_text()) or {}
-    return dict((params.get("recommenders") or {}).get(name) or {})
+    return model_settings(params.get("recommenders"), name)[0]
 
 
 def bench_one(name: str, size_name: str, folder: Path, args: argparse.Namespace) -> dict[str, Any]:

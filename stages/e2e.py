@@ -18,7 +18,7 @@ from pipeline.schemas import ITEMS, read_table
 from pipeline.seeding import seed_everything
 from pipeline.training import deterministic, resolve_device
 from stages.finetune import settings as encoder_settings
-from stages.params import ParamsError, build, require
+from stages.params import ParamsError, build, model_settings, require
 from stages.train import train_config
 
 log = logging.getLogger(__name__)
@@ -28,17 +28,17 @@ OVERRIDES = ("train", "recommenders")  # e2e sub-sections that override the shar
 
 def settings(params: dict[str, Any], model: str) -> tuple[E2EConfig, Any, dict[str, Any]]:
     """The e2e config (``e2e`` with the params' encoder's own mapping, e.g. ``e2e.vlmo``, over
-    it), the training config (``train`` overridden by ``e2e.train``) and the model's config
-    (``recommenders.<model>`` overridden by ``e2e.recommenders.<model>``)."""
+    it), the training config (``train``, then ``recommenders.<model>.train``, ``e2e.train`` and
+    ``e2e.recommenders.<model>.train`` over it) and the model's config (``recommenders.<model>``
+    overridden by ``e2e.recommenders.<model>``)."""
     section = params.get("e2e") or {}
     if not isinstance(section, dict):
         raise ParamsError(f"params.yaml: e2e should be a mapping, got {section!r}")
     section = encoder_settings(section, require(params, "encoder", list_encoders()))
     cfg = build(E2EConfig, {k: v for k, v in section.items() if k not in OVERRIDES}, "e2e")
-    train = {**(params.get("train") or {}), **(section.get("train") or {})}
-    train_cfg = train_config({**params, "train": train})
-    shared = require(params, "recommenders").get(model) or {}
-    own = (section.get("recommenders") or {}).get(model) or {}
+    shared, shared_train = model_settings(require(params, "recommenders"), model)
+    own, own_train = model_settings(section.get("recommenders"), model, "e2e.recommenders")
+    train_cfg = train_config(params, shared_train, section.get("train") or {}, own_train)
     return cfg, train_cfg, {**shared, **own}
 
 

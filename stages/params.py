@@ -44,6 +44,21 @@ def require(params: dict[str, Any], key: str, allowed: typing.Iterable[str] | No
     return value
 
 
+def model_settings(
+    section: dict[str, Any] | None, model: str, where: str = "recommenders"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``section[model]`` split into the model's hyperparameters and its own overrides of the
+    ``train`` settings (its ``train`` key, e.g. a graph model's batch size)."""
+    mapping = dict((section or {}).get(model) or {})
+    train = mapping.pop("train", None) or {}
+    if not isinstance(train, dict):
+        raise ParamsError(
+            f"params.yaml: {where}.{model}.train should be a mapping of train settings "
+            f"(e.g. batch_size: 2048), got {train!r}"
+        )
+    return mapping, train
+
+
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

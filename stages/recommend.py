@@ -26,7 +26,7 @@ from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.schemas import ID_ONLY
 from pipeline.training import MODEL_FILE, resolve_device
-from stages.params import ParamsError, require
+from stages.params import ParamsError, model_settings, require
 from stages.train import train_config
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,8 @@ def load_model(
 
         store = read_feature_store(features_dir)
         features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)
-    model = model_cls.build(data, features, require(params, "recommenders").get(name))
+    hyperparameters, _ = model_settings(require(params, "recommenders"), name)
+    model = model_cls.build(data, features, hyperparameters)
     state = torch.load(model_file, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(state)

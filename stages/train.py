@@ -11,15 +11,19 @@ from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures
 from pipeline.schemas import ID_ONLY
 from pipeline.training import TrainConfig, train_recommender
-from stages.params import ParamsError, build, require
+from stages.params import ParamsError, build, model_settings, require
 
 log = logging.getLogger(__name__)
 
 
-def train_config(params: dict[str, Any]) -> TrainConfig:
-    """TrainConfig from the `train` section, the global seed and eval.topk."""
+def train_config(params: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from the `train` section with ``overrides`` over it in order (e.g. a model's
+    ``recommenders.<model>.train``), the global seed and eval.topk."""
     topk = tuple(require(params, "eval.topk"))
-    return build(TrainConfig, params.get("train"), "train", seed=require(params, "seed"), topk=topk)
+    train = {**(params.get("train") or {})}
+    for mapping in overrides:
+        train.update(mapping)
+    return build(TrainConfig, train, "train", seed=require(params, "seed"), topk=topk)
 
 
 def run(
@@ -36,7 +40,7 @@ def run(
     With ``checkpoint``, an interrupted run continues from its last evaluation.
     """
     model_cls = get_recommender(model)
-    model_params = require(params, "recommenders").get(model)
+    model_params, own_train = model_settings(require(params, "recommenders"), model)
     data = load_interactions(interactions)
     item_features = None
     if model_cls.uses_features:
@@ -50,7 +54,7 @@ def run(
         )
     elif feature_set != ID_ONLY:
         raise ParamsError(f"{model} is ID-only: train it with --feature-set {ID_ONLY}")
-    cfg = train_config(params)
+    cfg = train_config(params, own_train)
     metrics = train_recommender(model, data, item_features, model_params, cfg, out, checkpoint)
     log.info("%s on %s: %s", model, feature_set, metrics)
     return metrics

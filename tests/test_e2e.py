@@ -355,6 +355,13 @@ def test_stage_settings_layer_the_encoders_own_keys_and_the_overrides():
     assert train_cfg.batch_size == params["train"]["batch_size"]  # not overridden: shared
     assert lattice_cfg["train_features"] is False
     assert lattice_cfg["knn_k"] == params["recommenders"]["lattice"]["knn_k"]
+    params["recommenders"]["lattice"]["train"] = {"batch_size": 64, "lr": 0.5, "patience": 2}
+    params["e2e"]["recommenders"]["lattice"]["train"] = {"patience": 1}
+    _, train_cfg, lattice_cfg = settings({**params, "encoder": "clip"}, "lattice")
+    assert "train" not in lattice_cfg  # the model's train settings are not hyperparameters
+    assert train_cfg.batch_size == 64  # the model's own, kept under e2e
+    assert train_cfg.lr == params["e2e"]["train"]["lr"]  # e2e.train over the model's own
+    assert train_cfg.patience == 1  # e2e.recommenders.<model>.train over everything
     # the shipped params build on every encoder's demo model
     for name, family in (("clip", ClipEncoder), ("vlmo", VlmoEncoder)):
         cfg, _, _ = settings({**yaml.safe_load(PARAMS.read_text()), "encoder": name}, "vbpr")

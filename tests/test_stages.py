@@ -200,3 +200,19 @@ def test_three_feature_sets_from_their_own_weights(pipeline_run, tmp_path):
         result.output
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_a_model_s_own_train_settings_override_the_shared_ones(pipeline_run, tmp_path):
+    p = tiny_params(tmp_path)
+    params = yaml.safe_load(p.read_text())
+    params["recommenders"]["bpr"]["train"] = {"max_epochs": 1, "patience": 0}
+    p.write_text(yaml.safe_dump(params))
+    inter = pipeline_run / "processed" / "interactions.parquet"
+    out = tmp_path / "bpr"
+    args = ["train", "--model", "bpr", "--feature-set", "id", "--interactions", inter]
+    invoke(*args, "--out", out, "--params", p)
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 1  # train.max_epochs: 3
+    params["recommenders"]["bpr"]["train"] = 2048
+    p.write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, [*args, "--out", out, "--params", p])
+    assert result.exit_code == 1 and "recommenders.bpr.train should be a mapping" in result.output
