@@ -35,7 +35,13 @@ from tqdm import tqdm
 from pipeline.atomic import atomic_path
 from pipeline.distributed import World, gather_rows
 from pipeline.encoders.base import Encoder, autocast, check_precision, resolve_device, to_device
-from pipeline.schemas import ContractError, feature_schema, validate
+from pipeline.schemas import (
+    ContractError,
+    check_item_rows,
+    feature_schema,
+    read_parquet,
+    validate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -264,12 +270,16 @@ def _to_numpy(column: pa.ChunkedArray, dim: int) -> np.ndarray:
     return flat.astype(np.float32, copy=False).reshape(-1, dim)
 
 
-def read_feature_store(feature_dir: str | Path) -> FeatureSet:
-    """Read and validate a feature set folder's ``items.parquet``."""
+def read_feature_store(feature_dir: str | Path, n_items: int | None = None) -> FeatureSet:
+    """Read and validate a feature set folder's ``items.parquet``; a missing, damaged or
+    truncated file raises naming it. With ``n_items`` (the interactions'), its item ids must
+    be exactly 0..n_items-1."""
     path = Path(feature_dir) / ITEMS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (has the extract stage run?)")
-    file_schema = pq.read_schema(path)
+    todo = f"(re)create it with `dvc repro extract@{path.parent.name}`"
+    table = read_parquet(path, todo)
+    file_schema = table.schema
     dims = {}
     for name in MODALITIES:
         if name not in file_schema.names or not pa.types.is_fixed_size_list(
@@ -277,16 +287,19 @@ def read_feature_store(feature_dir: str | Path) -> FeatureSet:
         ):
             raise ContractError(f"{path}: column {name!r} is missing or not a fixed-size list")
         dims[name] = file_schema.field(name).type.list_size
-    table = validate(
-        pq.read_table(path), feature_schema(dims["image"], dims["text"], {}), str(path)
-    )
+    table = validate(table, feature_schema(dims["image"], dims["text"], {}), str(path))
     metadata = {k.decode(): json.loads(v) for k, v in (file_schema.metadata or {}).items()
                 if not k.startswith(b"ARROW:")}  # fmt: skip
     for name in MODALITIES:
         if metadata.get(f"{name}_dim") != dims[name]:
             raise ContractError(f"{path}: metadata {name}_dim disagrees with the {name} column")
+    item_ids = table.column("item_id").to_numpy()
+    if n_items is not None:
+        check_item_rows(item_ids, n_items, str(path), todo)
+    elif len(np.unique(item_ids)) != len(item_ids):
+        raise ContractError(f"{path}: item_id repeats ids; each item needs one row: {todo}")
     return FeatureSet(
-        item_ids=table.column("item_id").to_numpy(),
+        item_ids=item_ids,
         image=_to_numpy(table.column("image"), dims["image"]),
         text=_to_numpy(table.column("text"), dims["text"]),
         metadata=metadata,

@@ -12,7 +12,7 @@ import pyarrow as pa
 import scipy.sparse as sp
 import torch
 
-from pipeline.schemas import INTERACTIONS, SPLITS, read_table, validate
+from pipeline.schemas import INTERACTIONS, SPLITS, check_content, read_table, validate
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,15 @@ class InteractionData:
 
     @classmethod
     def from_table(cls, table: pa.Table) -> InteractionData:
-        """Build from a table that follows the INTERACTIONS contract."""
+        """Build from a table that follows the INTERACTIONS contract (checked: types, dense ids,
+        every split present)."""
         table = validate(table, INTERACTIONS, "interactions")
+        table = check_content(table, INTERACTIONS, "interactions")
+        return cls._from_checked(table)
+
+    @classmethod
+    def _from_checked(cls, table: pa.Table) -> InteractionData:
+        """Build from a table already checked against the contract."""
         return cls.from_arrays(
             table.column("user_id").to_numpy(),
             table.column("item_id").to_numpy(),
@@ -138,8 +145,9 @@ class InteractionData:
 
 
 def load_interactions(path: str | Path) -> InteractionData:
-    """Read ``interactions.parquet`` (checked against the contract) into InteractionData."""
-    data = InteractionData.from_table(read_table(path, INTERACTIONS, "interactions"))
+    """Read ``interactions.parquet`` into InteractionData; the contract is checked before any
+    matrix is sized by the ids, and errors name the file."""
+    data = InteractionData._from_checked(read_table(path, INTERACTIONS, "interactions"))
     log.info(
         "interactions %s: %d users, %d items, %d train / %d valid / %d test",
         path,

@@ -24,7 +24,7 @@ from pipeline.evaluation import recommend
 from pipeline.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.schemas import ID_ONLY
+from pipeline.schemas import ID_ONLY, ITEMS, check_item_rows, read_table, remedy
 from pipeline.training import MODEL_FILE, resolve_device
 from stages.params import ParamsError, model_settings, require
 from stages.train import train_config
@@ -67,7 +67,7 @@ def load_model(
     if model_cls.uses_features:
         from pipeline.features import read_feature_store
 
-        store = read_feature_store(features_dir)
+        store = read_feature_store(features_dir, data.n_items)
         features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)
     hyperparameters, _ = model_settings(require(params, "recommenders"), name)
     model = model_cls.build(data, features, hyperparameters)
@@ -123,13 +123,13 @@ def top_k_table(
     )
 
 
-def _titles(items_file: Path) -> dict[int, str]:
-    if not items_file.is_file():
-        raise FileNotFoundError(f"{items_file} not found: run `dvc repro preprocess` first")
-    table = pq.read_table(items_file, columns=["item_id", "title"])
-    return dict(
-        zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True)
-    )
+def read_titles(items_file: Path, data: InteractionData) -> dict[int, str]:
+    """Item titles from ``items_file``, whose items must be exactly the interactions' (an
+    item id beyond the items table is a damaged or mismatched file, even for ID-only models)."""
+    table = read_table(items_file, ITEMS, "items", columns=["item_id", "title"])
+    ids = table.column("item_id").to_numpy()
+    check_item_rows(ids, data.n_items, f"items {items_file}", remedy("items"))
+    return dict(zip(ids.tolist(), table.column("title").to_pylist(), strict=True))
 
 
 def describe_user(
@@ -169,6 +169,7 @@ def run(
     if all_users and out is None:
         raise ValueError("--all writes a Parquet file: give --out, e.g. --out recs.parquet")
     data = load_interactions(processed / dataset / "interactions.parquet")
+    titles = read_titles(processed / dataset / "items.parquet", data)
     if user is not None and not 0 <= user < data.n_users:
         raise ValueError(f"user {user} is unknown: {dataset} has user ids 0..{data.n_users - 1}")
     cfg = train_config(params)
@@ -188,6 +189,5 @@ def run(
         log.info("wrote top-%d of %d users to %s", k, len(users), out)
     if not all_users:
         label = model if feature_set == ID_ONLY else f"{model} on {feature_set}"
-        titles = _titles(processed / dataset / "items.parquet")
         typer.echo(describe_user(data, int(user), recs, titles, label))
     return recs
