@@ -539,15 +539,19 @@ def train_end_to_end(
     checkpoint_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """``train`` the end-to-end model (in its processes); rank 0 also writes the encoder of the
-    best epoch to ``out_dir/encoder`` (a weights folder). The prefix cache is removed after."""
-    try:
-        metrics = train(model, data, train_cfg, out_dir, checkpoint_path, model.world)
-    finally:
-        model.close()
-    if model.world.is_main:
+    best epoch to ``out_dir/encoder`` (a weights folder), replaced together with the trainer's
+    outputs. The prefix cache is removed after."""
+
+    def save_encoder(path: Path) -> None:
         encoder = model.encoder
         encoder.source = f"{encoder.source}; trained end to end with {model.recommender.name}"
         encoder.pretrained = f"{encoder.pretrained}+e2e:{model.recommender.name}"
-        encoder.save(Path(out_dir) / ENCODER_DIR)
+        encoder.save(path)
+
+    outputs = {ENCODER_DIR: save_encoder}
+    try:
+        metrics = train(model, data, train_cfg, out_dir, checkpoint_path, model.world, outputs)
+    finally:
+        model.close()
     log.info("%s end to end: %s", model.name, metrics)
     return metrics

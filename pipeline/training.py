@@ -20,7 +20,7 @@ import pickle
 import random
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +32,7 @@ from dvclive import Live
 from scmrepo.exceptions import SCMError
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path, write_json
+from pipeline.atomic import atomic_path, replaced_folder, write_json
 from pipeline.distributed import World, sum_gradients, sum_scalar
 from pipeline.evaluation import METRICS, EvalResult, check_topk, evaluate
 from pipeline.interactions import InteractionData
@@ -47,6 +47,7 @@ METRICS_FILE = "metrics.json"
 PER_USER_FILE = "per_user.parquet"
 MODEL_FILE = "model.pt"
 DVCLIVE_DIR = "dvclive"
+OUTPUTS = (METRICS_FILE, PER_USER_FILE, MODEL_FILE, DVCLIVE_DIR)  # what ``train`` writes
 
 
 @dataclass(frozen=True)
@@ -365,16 +366,23 @@ def train(
     out_dir: str | Path,
     checkpoint_path: str | Path | None = None,
     world: World | None = None,
+    extra_outputs: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with early stopping on validation, test the best epoch once, and write
-    ``metrics.json``, ``per_user.parquet``, ``model.pt`` (atomically) and a dvclive log.
+    ``metrics.json``, ``per_user.parquet``, ``model.pt`` and a dvclive log as ``out_dir``.
+
+    Everything is written into a temporary sibling folder that replaces ``out_dir`` as a whole
+    once the run has succeeded (``replaced_folder``): a run that fails (a NaN loss, an
+    interruption) leaves ``out_dir`` as it was, or absent. ``extra_outputs`` maps further entry
+    names to functions called with their path in that folder after the trainer's own files
+    (e2e's encoder), so they are replaced together.
 
     With ``checkpoint_path``, the state of the run (weights, optimizer, random generators,
     early-stopping counters, the dvclive rows) is saved there after every evaluation, and a
     run that finds a checkpoint of the same model, configs, code, data and initial tensors
     there continues from it, with the result of an uninterrupted run (a checkpoint of another run
     is ignored with a warning and overwritten). The checkpoint is deleted once the outputs
-    are written. Keep it outside ``out_dir`` when DVC clears the outputs before a run.
+    are in place. Keep it outside ``out_dir``, which a finished run replaces.
 
     Under torchrun (``world``) every process trains on its micro-batches of each batch (see
     ``micro_batches``), the gradients are summed over the processes and every process
@@ -391,12 +399,31 @@ def train(
             f"grad_accum = {cfg.grad_accum} with {world.size} processes: each process needs "
             f"a micro-batch, so use grad_accum >= {world.size} (a multiple keeps them even)"
         )
-    out_dir = Path(out_dir)
-    if world.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    extra_outputs = extra_outputs or {}
+    checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+    names = (*OUTPUTS, *extra_outputs)
+    with replaced_folder(out_dir, names, world.is_main) as folder:
+        metrics = _fit(model, data, cfg, folder, checkpoint_path, world)
+        if world.is_main:
+            for name, write in extra_outputs.items():
+                write(folder / name)
+    if checkpoint_path is not None and world.is_main:
+        checkpoint_path.unlink(missing_ok=True)
+    return metrics
+
+
+def _fit(
+    model: Recommender,
+    data: InteractionData,
+    cfg: TrainConfig,
+    folder: Path,
+    checkpoint_path: Path | None,
+    world: World,
+) -> dict[str, Any]:
+    """``train``'s run: the epochs, the test of the best one, and (rank 0) its files written
+    into ``folder``."""
     device = world.device(resolve_device(cfg.device))
     seed_everything(cfg.seed)
-    checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     fingerprint = None if checkpoint_path is None else run_fingerprint(model, data, cfg, device)
     model.to(device)
     optimizer = make_optimizer(model, cfg.lr)
@@ -413,7 +440,7 @@ def train(
         log.info("resuming %s after epoch %d from %s", model.name, progress.epoch, checkpoint_path)
 
     started = time.perf_counter()
-    with open_live(out_dir / DVCLIVE_DIR) if world.is_main else _NoLive() as live:
+    with open_live(folder / DVCLIVE_DIR) if world.is_main else _NoLive() as live:
         for row in progress.history:
             _log_step(live, row)
         bar = tqdm(
@@ -475,12 +502,10 @@ def train(
     )
     if not world.is_main:
         return metrics
-    test.write_parquet(out_dir / PER_USER_FILE)
-    with atomic_path(out_dir / MODEL_FILE) as tmp:
+    test.write_parquet(folder / PER_USER_FILE)
+    with atomic_path(folder / MODEL_FILE) as tmp:  # torch.save names its archive after tmp
         torch.save(model.saved_state(progress.best_state), tmp)
-    write_json(out_dir / METRICS_FILE, metrics)
-    if checkpoint_path is not None:
-        checkpoint_path.unlink(missing_ok=True)
+    write_json(folder / METRICS_FILE, metrics)
     log.info("%s test: %s", model.name, {k: round(v, 5) for k, v in test.means.items()})
     return metrics
 

@@ -312,6 +312,32 @@ def test_a_run_writes_the_run_contract_and_the_trained_encoder(tmp_path):
     assert np.isfinite(metrics["valid_recall@10"])
 
 
+def test_a_run_that_fails_to_save_its_encoder_leaves_the_earlier_run(tmp_path, monkeypatch):
+    from test_training import files_under
+
+    monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
+    data = clustered(30, N_ITEMS, 6, 3)
+    one_epoch = replace(TRAIN, max_epochs=1)
+
+    def run():
+        torch.manual_seed(0)
+        model = build_end_to_end("vbpr", data, ClipEncoder.tiny(), make_items(N_ITEMS), None,
+                                 FAST, CPU)  # fmt: skip
+        train_end_to_end(model, data, one_epoch, tmp_path / "out")
+
+    run()
+    before = files_under(tmp_path)
+    assert {"out/model.pt", "out/encoder/weights.json"} <= set(before)
+
+    def disk_full(self, out_dir):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ClipEncoder, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run()
+    assert files_under(tmp_path) == before
+
+
 @pytest.mark.parametrize("e2e", [FAST, CACHED], ids=["uncached", "cached"])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(e2e, tmp_path, monkeypatch):
     from test_resume import Interrupted, interrupt_after, outputs

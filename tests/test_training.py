@@ -1,4 +1,5 @@
-"""The trainer: outputs, determinism, early stopping, NaN detection, config checks."""
+"""The trainer: outputs (replaced whole or not at all), determinism, early stopping, NaN detection,
+config checks."""
 
 import json
 from dataclasses import dataclass
@@ -125,6 +126,72 @@ def test_non_finite_loss_names_model_and_epoch(data, features, tmp_path):
     with pytest.raises(NonFiniteLossError, match="loss is inf at epoch 1"):
         train(Constant.build(data, None, {"loss_value": float("inf")}), data, FAST, tmp_path)
     assert not (tmp_path / "metrics.json").exists()
+
+
+class Diverging(Constant):
+    """Constant's flat curve, with a loss that turns NaN after two steps (one epoch of 256-pair
+    batches here), as a too high learning rate makes it."""
+
+    def loss(self, users, pos, neg):
+        self.steps = getattr(self, "steps", 0) + 1
+        return (self.weight * 0 + (1.0 if self.steps <= 2 else float("nan"))).sum()
+
+
+def files_under(folder) -> dict:
+    """Every path below ``folder`` (hidden ones too) with its bytes (None for a folder)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def test_a_failed_run_leaves_the_folder_as_it_was(data, tmp_path):
+    cfg = TrainConfig(batch_size=256, max_epochs=3, topk=TOPK)
+    out = tmp_path / "out"
+    train(Constant.build(data, None, {}), data, cfg, out)
+    (out / ".gitignore").write_text("/model.pt\n/per_user.parquet\n")  # as DVC writes it
+    before = files_under(tmp_path)
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 2"):
+        train(Diverging.build(data, None, {}), data, cfg, out, tmp_path / "ckpt.pt")
+    assert (tmp_path / "ckpt.pt").exists()  # kept for a resume
+    (tmp_path / "ckpt.pt").unlink()
+    assert files_under(tmp_path) == before  # nothing changed, nothing temporary left
+
+    with pytest.raises(NonFiniteLossError):
+        train(Diverging.build(data, None, {}), data, cfg, tmp_path / "new")
+    assert files_under(tmp_path) == before  # a failed first run leaves no folder
+
+
+def test_a_run_replaces_the_folder_as_a_whole(data, tmp_path, monkeypatch):
+    cfg = TrainConfig(batch_size=256, max_epochs=2, topk=TOPK)
+    first, second = tmp_path / "first", tmp_path / "second"
+    train(Constant.build(data, None, {}), data, cfg, first)
+    (first / ".gitignore").write_text("/model.pt\n")
+    train(Constant.build(data, None, {}), data, cfg, second)
+    for name in ("model.pt", "per_user.parquet", "dvclive/plots/metrics/loss.tsv"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+    def refuse(**kwargs):
+        raise SCMError("Empty git repo")
+
+    monkeypatch.setattr("pipeline.training.Live", refuse)
+    train(Constant.build(data, None, {}), data, cfg, first)
+    kept = sorted(p.name for p in first.iterdir())
+    assert kept == [".gitignore", "metrics.json", "model.pt", "per_user.parquet"]
+    # the earlier run's dvclive log went with it; DVC's .gitignore stays
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_folder_holding_other_files_is_refused_before_training(data, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    cfg = TrainConfig(batch_size=256, max_epochs=2, topk=TOPK)
+    with pytest.raises(FileExistsError, match=r"holds \['notes.txt'\], which this stage"):
+        train(Diverging.build(data, None, {}), data, cfg, out)  # refused before its NaN
+    assert files_under(tmp_path) == {"out": None, "out/notes.txt": b"mine"}
+    with pytest.raises(NotADirectoryError, match="notes.txt is a file or a link"):
+        train(Diverging.build(data, None, {}), data, cfg, out / "notes.txt")
 
 
 def test_training_goes_on_when_dvclive_cannot_start(data, tmp_path, monkeypatch, caplog):
