@@ -48,7 +48,7 @@ def run(
             raise ParamsError(f"{model} reads item features: give --feature-set and --features")
         from pipeline.features import read_feature_store
 
-        store = read_feature_store(features)
+        store = read_feature_store(features, data.n_items)
         item_features = ItemFeatures.from_arrays(
             store.item_ids, store.image, store.text, data.n_items
         )

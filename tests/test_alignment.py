@@ -102,11 +102,11 @@ def test_separate_spaces():
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """features/tiny/{same, cnn, split} and data/processed/tiny/items.parquet, ids 10..14."""
+    """features/tiny/{same, cnn, split} and data/processed/tiny/items.parquet, ids 0..4."""
     root = tmp_path_factory.mktemp("project")
-    ids = np.arange(10, 15)
+    ids = np.arange(5)
     image = np.stack([np.cos(ANGLES), np.sin(ANGLES)], axis=1).astype(np.float32)
-    text = image[[4, 3, 2, 1, 0]]  # text: 10's nearest are 11, 12, 13, 14 counted from 14
+    text = image[[4, 3, 2, 1, 0]]  # text: 0's nearest are 1, 2, 3, 4 counted from 4
     features = root / "features" / "tiny"
     write_feature_store(features / "same", ids, image, image, {**META, "normalized": True})
     write_feature_store(features / "swap", ids, image, text, {**META, "normalized": True})
@@ -131,20 +131,20 @@ def cli(root, *args):
 
 
 def test_neighbours_lists_both_modalities_with_titles(project):
-    result = cli(project, "neighbours", "tiny", "swap", 10, "-k", "3")
+    result = cli(project, "neighbours", "tiny", "swap", 0, "-k", "3")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].endswith("item 10: Title 10")
+    assert lines[0].endswith("item 0: Title 0")
     assert lines[1] == "nearest by image (cosine):"
-    assert [ln.split()[1] for ln in lines[2:5]] == ["11", "12", "13"]
-    assert lines[2].split()[2] == f"{math.cos(0.1):.4f}" and lines[2].endswith("  Title 11")
+    assert [ln.split()[1] for ln in lines[2:5]] == ["1", "2", "3"]
+    assert lines[2].split()[2] == f"{math.cos(0.1):.4f}" and lines[2].endswith("  Title 1")
     assert lines[5] == "nearest by text (cosine):"
-    # item 10's text is image 14's vector: its text neighbours are 11 (angle 1.5), 12, 13
-    assert [ln.split()[1] for ln in lines[6:9]] == ["11", "12", "13"]
+    # item 0's text is image 4's vector: its text neighbours are 1 (angle 1.5), 2, 3
+    assert [ln.split()[1] for ln in lines[6:9]] == ["1", "2", "3"]
     assert lines[6].split()[2] == f"{math.cos(1.5):.4f}"
     assert len(lines) == 9
 
-    result = cli(project, "neighbours", "tiny", "split", 14, "-k", "10")
+    result = cli(project, "neighbours", "tiny", "split", 4, "-k", "10")
     assert "nearest by image (inner product):" in result.output
     assert len(result.output.splitlines()) == 1 + 2 * 5  # k is capped by the 4 other items
 
@@ -152,10 +152,10 @@ def test_neighbours_lists_both_modalities_with_titles(project):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("nowhere", "same", 10), "unknown dataset 'nowhere':"),
-        (("tiny", "clip", 10), "unknown feature set 'clip':"),
+        (("nowhere", "same", 0), "unknown dataset 'nowhere':"),
+        (("tiny", "clip", 0), "unknown feature set 'clip':"),
         (("tiny", "same", 99), "item 99 is not in"),
-        (("tiny", "same", 10, "-k", "0"), "k = 0; use k >= 1"),
+        (("tiny", "same", 0, "-k", "0"), "k = 0; use k >= 1"),
     ],
 )
 def test_neighbours_errors_name_what_exists(project, args, message):
@@ -167,12 +167,12 @@ def test_neighbours_errors_name_what_exists(project, args, message):
     if "feature set" in message:
         assert "has ['cnn', 'same', 'split', 'swap']" in result.output
     if "item 99" in message:
-        assert "5 items, ids 10..14" in result.output
+        assert "5 items, ids 0..4" in result.output
 
 
 def test_neighbours_needs_the_titles(project, tmp_path):
     (tmp_path / "features").symlink_to(project / "features")
-    result = cli(tmp_path, "neighbours", "tiny", "same", 10)
+    result = cli(tmp_path, "neighbours", "tiny", "same", 0)
     assert result.exit_code == 1 and "dvc repro preprocess" in result.output
 
 
@@ -187,7 +187,7 @@ def test_compare_tables_every_feature_set(project):
     assert rows["same"].split()[1:] == [
         "5", "1.0000", f"{off_diagonal:.4f}", f"{1 - off_diagonal:.4f}", *["1.0000"] * 4
     ]  # fmt: skip
-    assert rows["swap"].split()[5] == "0.2000"  # i2t R@1: only item 12 keeps its own text
+    assert rows["swap"].split()[5] == "0.2000"  # i2t R@1: only item 2 keeps its own text
     assert "chance with 5 items: R@1 = 0.2000, R@10 = 1.0000" in result.output
 
     result = cli(project, "compare", "tiny", "swap", "cnn")
