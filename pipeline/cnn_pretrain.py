@@ -139,8 +139,9 @@ def pretrain_cnn(
 ) -> tuple[CnnStEncoder, dict]:
     """Train the CNN of ``arch`` from a seeded random init to classify the corpus images'
     visible attributes; returns the whole ``cnn_st`` encoder (eval mode, on cpu, tagged
-    ``pretrained="demo"``) and per-epoch lists: ``loss``, ``lr``, ``seconds`` and, with
-    held-out pairs, ``valid_acc`` (mean over heads) and ``valid_acc_<attribute>``.
+    ``pretrained="demo"``) and per-epoch lists: ``loss``, ``lr`` and, with held-out pairs,
+    ``valid_acc`` (mean over heads) and ``valid_acc_<attribute>``; epoch times are logged, not
+    returned, so the history is the same on every run of the same inputs.
     Chance accuracy of an attribute is 1 / its number of values (the corpus draws uniformly).
     """
     missing = [a for a in IMAGE_ATTRIBUTES if a not in corpus.attributes]
@@ -171,7 +172,7 @@ def pretrain_cnn(
         pct_start=cfg.warmup_fraction,
         cycle_momentum=False,
     )
-    history: dict[str, list[float]] = {"loss": [], "lr": [], "seconds": []}
+    history: dict[str, list[float]] = {"loss": [], "lr": []}
     log.info(
         "pretraining CNN %s on %d images (%d held out): %d epochs x %d steps of %d",
         arch,
@@ -205,7 +206,7 @@ def pretrain_cnn(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
         history["loss"].append(sum(losses) / len(losses))
         history["lr"].append(sched.get_last_lr()[0])
-        history["seconds"].append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         if len(valid):
             accuracy = attribute_accuracy(
                 cnn,
@@ -220,7 +221,7 @@ def pretrain_cnn(
             "epoch %d: loss %.4f, %.1fs%s",
             epoch + 1,
             history["loss"][-1],
-            history["seconds"][-1],
+            seconds,
             "".join(f", {k} {v[-1]:.3f}" for k, v in history.items() if k.startswith("valid")),
         )
 

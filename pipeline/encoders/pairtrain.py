@@ -196,9 +196,10 @@ def train_pairs(
 ) -> dict[str, list[float]]:
     """Train ``encoder`` in place on (image, text) pairs with its own ``pair_losses``.
 
-    Returns per-epoch lists: ``loss`` (and each named part, e.g. ``loss_itc``), ``lr``,
-    ``seconds`` and, with held-out pairs, ``valid_i2t_r1`` ... ``valid_t2i_r10``, whose entry 0
-    is the score before training. With ``patience`` the encoder ends at its best epoch,
+    Returns per-epoch lists: ``loss`` (and each named part, e.g. ``loss_itc``), ``lr`` and,
+    with held-out pairs, ``valid_i2t_r1`` ... ``valid_t2i_r10``, whose entry 0 is the score
+    before training; no wall-clock times (they are logged), so the history is the same on
+    every run of the same inputs. With ``patience`` the encoder ends at its best epoch,
     recorded as ``best_epoch`` (0: training never beat the starting weights).
     Leaves the encoder on the CPU in eval mode.
 
@@ -233,7 +234,7 @@ def train_pairs(
         _param_groups(encoder, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup_steps, total_steps))
-    history: dict[str, list[float]] = {"loss": [], "lr": [], "seconds": []}
+    history: dict[str, list[float]] = {"loss": [], "lr": []}
 
     def score() -> None:
         if len(valid):
@@ -286,10 +287,10 @@ def train_pairs(
         for key, values in parts.items():
             history.setdefault(key, []).append(sum(values) / len(values))
         history["lr"].append(sched.get_last_lr()[0])
-        history["seconds"].append(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
         score()
         log.info(
-            "epoch %d: loss %.4f, %.1fs%s", epoch, history["loss"][-1], history["seconds"][-1],
+            "epoch %d: loss %.4f, %.1fs%s", epoch, history["loss"][-1], seconds,
             "".join(f", {k} {v[-1]:.3f}" for k, v in history.items() if k.startswith("valid")),
         )  # fmt: skip
         if cfg.patience:
