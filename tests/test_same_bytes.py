@@ -21,7 +21,13 @@ def assert_same_bytes(first: Path, second: Path) -> None:
 
 @pytest.mark.parametrize("encoder", ["clip", "cnn_st"])
 def test_weights_stage_writes_the_same_bytes_twice(encoder, tmp_path):
-    params = tiny_params(tmp_path, **{"pretrain_corpus.n_pairs": 100})
+    smaller = {  # two steps of 16 pairs in each pretraining
+        "pretrain_corpus.n_pairs": 40,
+        "weights.batch_size": 16,
+        "cnn_weights.batch_size": 16,
+        "cnn_weights.holdout_pairs": 8,
+    }
+    params = tiny_params(tmp_path, **smaller)
     for run in ("first", "second"):
         invoke("weights", "--encoder", encoder, "--out", tmp_path / run, "--params", params)
     assert (tmp_path / "first" / "pretrain_history.json").is_file()
