@@ -469,7 +469,7 @@ def _fit(
                 else:
                     progress.stale += 1
                 log.info(
-                    "epoch %d: loss %.5f, valid %s %.5f (best %.5f at epoch %d), %.1f s",
+                    "epoch %d: loss %.5f, valid %s %.5f (best %.5f at epoch %d), %.2f s",
                     epoch,
                     row["loss"],
                     cfg.valid_metric,
@@ -500,8 +500,8 @@ def _fit(
     if not world.is_main:
         return metrics
     log.info(
-        "%s: %d epochs and the test in %.1f s",
-        model.name, progress.epoch, progress.seconds + time.perf_counter() - started,
+        "%s trained and tested in %.2f s (epochs: %d)",
+        model.name, progress.seconds + time.perf_counter() - started, progress.epoch,
     )  # fmt: skip
     test.write_parquet(folder / PER_USER_FILE)
     with atomic_path(folder / MODEL_FILE) as tmp:  # torch.save names its archive after tmp
