@@ -1,7 +1,8 @@
 """Download an Amazon 2014 category (reviews, metadata, image features, product images).
 
 Concurrent, retried and resumable: every file is recorded in ``manifest.json`` with its URL,
-size, sha256 and status; a re-run fetches only what is missing, changed or failed.
+size, sha256 and status; a re-run fetches only what is missing, changed or failed. Nothing is
+recorded ``ok`` unverified: a .gz must decompress, a ``.b`` hold whole records, an image decode.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from tqdm import tqdm
 
 from pipeline.amazon import LineStats, iter_meta, iter_reviews
 from pipeline.atomic import write_json
+from pipeline.cnn_features import RECORD
 from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
 from pipeline.fetch import fetch, file_digest, gzip_error
 
@@ -48,7 +51,7 @@ class DownloadConfig:
     images: bool = True  # fetch each reviewed item's imUrl into images/<asin>.jpg
     image_features: bool = True  # fetch image_features_<Category>.b
     max_images: int = 0  # 0 = all; a cap (first asins in sorted order) for quick trials
-    retry_dead: bool = False  # try again URLs an earlier run found dead (404/410)
+    retry_dead: bool = False  # try again image URLs an earlier run found dead (404/410)
     manifest_every: int = 100  # rewrite manifest.json after this many finished files
 
     def __post_init__(self) -> None:
@@ -75,6 +78,38 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
+def features_error(path: Path) -> str | None:
+    """Why a ``.b`` file is not a run of whole records (ASIN + 4096 float32), or None if it is."""
+    size = path.stat().st_size
+    if size == 0 or size % RECORD.itemsize:
+        return (
+            f"image features file of {size} bytes is not a whole number of "
+            f"{RECORD.itemsize}-byte records (truncated or not a .b file)"
+        )
+    return None
+
+
+def image_error(path: Path) -> str | None:
+    """Why an image file does not decode to the last pixel, or None if it does."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ...) on bad data
+        return f"image does not decode ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _content_error(job: _Job, path: Path) -> str | None:
+    """Why ``path``, meant as ``job``'s file, is unusable (checked by its kind), or None."""
+    if job.image:
+        return image_error(path)
+    if job.rel.endswith(".gz"):
+        return gzip_error(path)
+    if job.rel.endswith(".b"):
+        return features_error(path)
+    return None
+
+
 def _entry(
     job: _Job,
     status: str,
@@ -96,9 +131,11 @@ def _entry(
 def _obtain(
     job: _Job, old: dict | None, out_dir: Path, cfg: DownloadConfig, stop: threading.Event
 ) -> tuple[dict[str, Any], bool]:
-    """Make ``job``'s file present: keep a verified copy, adopt an unknown one, or fetch it.
+    """Make ``job``'s file present: keep a recorded copy, adopt a verified one, or fetch it.
 
-    Returns the manifest entry and whether the file was already there (no request made).
+    Returns the manifest entry and whether the file was already there (no request made). Only
+    images are remembered dead (not requested again without ``retry_dead``); reviews, metadata
+    and image features are requested on every run until they arrive.
     """
     dest = out_dir / job.rel
     same = old is not None and old["url"] == job.url
@@ -108,16 +145,24 @@ def _obtain(
             if (old["bytes"], old["sha256"]) == (size, digest):
                 return _entry(job, "ok", size, digest), True
             log.warning("%s does not match its manifest entry; fetching it again", dest)
-        elif (old is None or same) and not (dest.name.endswith(".gz") and gzip_error(dest)):
-            log.info("adopting %s found on disk (not recorded as ok in the manifest)", dest)
-            return _entry(job, "ok", size, digest), True
+        elif old is not None and not same:
+            log.warning("%s was fetched from another URL; fetching it again", dest)
+        elif problem := _content_error(job, dest):
+            log.warning("%s found on disk is unusable (%s); fetching it again", dest, problem)
         else:
-            log.warning("%s is stale or a broken gzip; fetching it again", dest)
+            log.info("adopting %s found on disk (verified, not recorded as ok before)", dest)
+            return _entry(job, "ok", size, digest), True
         dest.unlink()
-    if same and old["status"] == "dead" and not cfg.retry_dead:
+    if job.image and same and old["status"] == "dead" and not cfg.retry_dead:
         return dict(old), False
     got = fetch(
-        job.url, dest, retries=cfg.retries, backoff=cfg.backoff, timeout=cfg.timeout, stop=stop
+        job.url,
+        dest,
+        retries=cfg.retries,
+        backoff=cfg.backoff,
+        timeout=cfg.timeout,
+        stop=stop,
+        check=lambda path: _content_error(job, path),
     )
     if got.status != "ok":
         level = logging.INFO if got.status == "dead" else logging.WARNING
@@ -218,11 +263,12 @@ def _remove_leftovers(out_dir: Path) -> None:
 def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> dict[str, Any]:
     """Fetch ``info``'s raw files into ``out_dir`` and keep ``manifest.json`` current; resumable.
 
-    Reviews and metadata are required (``DownloadError`` names the URL and the last error);
-    image features and images that fail are recorded, never fatal. Returns counts: ``ok``
-    (fetched now), ``skipped`` (already present), ``dead``, ``failed``, ``bytes`` (fetched now),
-    ``images`` (planned), ``no_image_url`` (reviewed items without an imUrl) and ``refused``
-    (imUrls that are not http(s), recorded in the manifest as "refused" and never opened).
+    Reviews and metadata are required (``DownloadError`` names the URL and the last error, and a
+    re-run requests them again); image features and images that fail are recorded, never fatal.
+    Returns counts: ``ok`` (fetched now), ``skipped`` (already present), ``dead``, ``failed``,
+    ``bytes`` (fetched now), ``images`` (planned), ``no_image_url`` (reviewed items without an
+    imUrl) and ``refused`` (imUrls that are not http(s), recorded in the manifest as "refused"
+    and never opened). Dead images are logged with how to retry them (``retry_dead``).
     """
     if info.synthetic:
         raise ValueError(f"dataset {info.name!r} is generated locally, not downloaded")
@@ -262,7 +308,10 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
         submit(core)
         for fut, job in list(pending.items()):
             if job.required and (entry := collect(fut))["status"] != "ok":
-                raise DownloadError(f"could not download {job.url}: {entry['error']}")
+                raise DownloadError(
+                    f"could not download {job.url}: {entry['error']}; no image was fetched. "
+                    "This failure is not remembered: running the download again requests it again"
+                )
         jobs, no_url = _image_jobs(out_dir, info, cfg) if cfg.images else ([], 0)
         allowed = [job for job in jobs if not refused_scheme(job.url)]
         refused = [job for job in jobs if refused_scheme(job.url)]
@@ -291,6 +340,13 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
         for fut in [f for f in pending if f.done() and not f.cancelled() and not f.exception()]:
             collect(fut)
         manifest.save()
+    if counts["dead"]:
+        log.warning(
+            "%d image URLs are dead (HTTP 404/410): recorded in %s and not requested again; "
+            "set download.retry_dead: true in the params to try them again",
+            counts["dead"],
+            manifest.path,
+        )
     summary = {k: counts[k] for k in ("ok", "skipped", "dead", "failed", "refused", "bytes")}
     summary.update(images=len(jobs), no_image_url=no_url)
     log.info("%s: %s", info.category, summary)

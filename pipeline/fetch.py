@@ -16,6 +16,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,7 +113,12 @@ def _retry_after(exc: urllib.error.HTTPError) -> float:
         return 0.0
 
 
-def _attempt(url: str, part: Path, timeout: float, stop: threading.Event | None) -> tuple[int, str]:
+Check = Callable[[Path], str | None]  # why a downloaded file is unusable, or None
+
+
+def _attempt(
+    url: str, part: Path, timeout: float, stop: threading.Event | None, check: Check | None
+) -> tuple[int, str]:
     """One GET of ``url`` into ``part``; returns (bytes, sha256) or raises _Retryable/_Final."""
     request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
     try:
@@ -142,6 +148,8 @@ def _attempt(url: str, part: Path, timeout: float, stop: threading.Event | None)
         raise _Retryable(f"connection dropped: got {size} of {expected} bytes")
     if part.name.endswith(".gz.part") and (problem := gzip_error(part)):
         raise _Retryable(problem)
+    if check is not None and (problem := check(part)):
+        raise _Retryable(problem)
     return size, h.hexdigest()
 
 
@@ -153,12 +161,14 @@ def fetch(
     backoff: float = 0.5,
     timeout: float = 60.0,
     stop: threading.Event | None = None,
+    check: Check | None = None,
 ) -> Fetched:
     """Download ``url`` to ``dest`` via ``dest.part``, retrying transient failures.
 
     Retries (up to ``retries`` times, waiting ``backoff * 2**k`` seconds) connection errors,
-    timeouts, 408/429/5xx, a body shorter than its Content-Length, and a .gz that fails a full
-    decompression. 404/410 give status "dead" at once. ``dest`` only ever holds a complete file.
+    timeouts, 408/429/5xx, a body shorter than its Content-Length, a .gz that fails a full
+    decompression, and a body that ``check`` (given the downloaded file) finds unusable.
+    404/410 give status "dead" at once. ``dest`` only ever holds a complete file.
     Raises ``Cancelled`` if ``stop`` is set.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -169,7 +179,7 @@ def fetch(
             if stop is not None and stop.is_set():
                 raise Cancelled(url)
             try:
-                size, digest = _attempt(url, part, timeout, stop)
+                size, digest = _attempt(url, part, timeout, stop, check)
             except _Final as exc:
                 return Fetched(exc.status, error=str(exc), attempts=attempt + 1)
             except _Retryable as exc:

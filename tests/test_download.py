@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from pipeline.cnn_features import RECORD
 from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
 from pipeline.download import DownloadConfig, DownloadError, download_dataset
 from pipeline.fetch import file_digest
@@ -133,7 +134,7 @@ def _fixtures(server: Server) -> None:
     )
     server.files[REVIEWS] = gzip.compress(reviews.encode(), mtime=0)
     server.files[META] = gzip.compress(meta.encode(), mtime=0)
-    server.files[FEATURES] = bytes(range(256)) * 20
+    server.files[FEATURES] = (bytes(range(256)) * 129)[: 2 * RECORD.itemsize]  # two records
     server.script.update(
         {
             REVIEWS: ["truncgz"],
@@ -245,11 +246,84 @@ def test_rerun_fetches_only_what_is_missing(server, tmp_path):
 def test_fatal_when_reviews_are_dead(server, tmp_path):
     server.script[REVIEWS] = [404]
     url = server.base + REVIEWS
-    with pytest.raises(DownloadError, match=f"could not download {url}: HTTP 404"):
+    with pytest.raises(DownloadError, match=f"could not download {url}: HTTP 404") as err:
         download_dataset(INFO, tmp_path / "raw", _cfg(server))
+    assert "running the download again requests it again" in str(err.value)
     assert _manifest(tmp_path / "raw")[url]["status"] == "dead"
     assert server.counts[REVIEWS] == 1
     assert not any(p.startswith("/img/") for p in server.counts)
+
+
+@pytest.mark.parametrize("path", [REVIEWS, META, FEATURES], ids=["reviews", "meta", "features"])
+def test_dead_core_file_is_requested_again(server, tmp_path, path, caplog):
+    """A 404 on reviews, metadata or image features is not remembered: once the file is back,
+    the next run fetches it without retry_dead; dead images stay remembered, with a hint."""
+    out = tmp_path / "raw"
+    server.script[path] = [404]
+    if path == FEATURES:
+        download_dataset(INFO, out, _cfg(server))
+    else:
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            download_dataset(INFO, out, _cfg(server))
+    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+        download_dataset(INFO, out, _cfg(server))
+    assert server.counts[path] == 2
+    _assert_complete(server, out)
+    assert server.counts["/img/dead.jpg"] == 1
+    assert "set download.retry_dead: true" in caplog.text
+
+
+def test_truncated_features_with_matching_length_are_not_ok(server, tmp_path):
+    """A .b served cut mid-record with a Content-Length that matches what is sent is retried,
+    then recorded failed (not ok) and not kept; a whole one on a later run is ok."""
+    out = tmp_path / "raw"
+    whole = server.files[FEATURES]
+    server.files[FEATURES] = whole[: RECORD.itemsize + 100]
+    summary = download_dataset(INFO, out, _cfg(server))
+    entry = _manifest(out)[server.base + FEATURES]
+    assert entry["status"] == "failed" and "whole number" in entry["error"]
+    assert not (out / INFO.image_features_file).exists() and summary["failed"] == 2
+    assert server.counts[FEATURES] == 3  # 1 + retries
+    server.files[FEATURES] = whole
+    download_dataset(INFO, out, _cfg(server))
+    _assert_complete(server, out)
+
+
+def test_fetched_image_that_does_not_decode_is_not_ok(server, tmp_path):
+    """An image whose body arrives whole but does not decode is retried, then recorded failed."""
+    out = tmp_path / "raw"
+    server.files["/img/A6.jpg"] = server.files["/img/A6.jpg"][:100]
+    download_dataset(INFO, out, _cfg(server))
+    entry = _manifest(out)[server.base + "/img/A6.jpg"]
+    assert entry["status"] == "failed" and "does not decode" in entry["error"]
+    assert not (out / IMAGES_DIR / "A6.jpg").exists() and server.counts["/img/A6.jpg"] == 3
+
+
+def _truncated_gzip(server: Server) -> bytes:
+    return server.files[REVIEWS][: len(server.files[REVIEWS]) // 2]
+
+
+@pytest.mark.parametrize(
+    ("rel", "url_path", "bad"),
+    [
+        (INFO.image_features_file, FEATURES, lambda s: s.files[FEATURES][: RECORD.itemsize + 7]),
+        (f"{IMAGES_DIR}/A2.jpg", "/img/A2.jpg", lambda s: s.files["/img/A2.jpg"][:100]),
+        (f"{IMAGES_DIR}/A3.jpg", "/img/A3.jpg", lambda s: b"\xff\xd8" + b"x" * 98),
+        (INFO.reviews_file, REVIEWS, _truncated_gzip),
+    ],
+    ids=["truncated-b", "100-byte-jpg", "garbage-jpg", "truncated-gz"],
+)
+def test_unmanifested_bad_file_is_not_adopted(server, tmp_path, rel, url_path, bad, caplog):
+    """A file on disk with no manifest entry is verified first; a bad one is fetched again."""
+    out = tmp_path / "raw"
+    (out / rel).parent.mkdir(parents=True)
+    (out / rel).write_bytes(bad(server))
+    server.script.pop(url_path, None)
+    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+        download_dataset(INFO, out, _cfg(server))
+    assert server.counts[url_path] == 1
+    assert "found on disk is unusable" in caplog.text
+    _assert_complete(server, out)
 
 
 def test_fatal_when_metadata_keeps_failing(server, tmp_path):
