@@ -12,6 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+FEATURE_DIM = 4096  # the published image features (.b files): per item a 10-byte ASIN, then
+ASIN_BYTES = 10  # 4096 little-endian float32
+FEATURE_RECORD_BYTES = ASIN_BYTES + 4 * FEATURE_DIM
+
 
 @dataclass
 class LineStats:

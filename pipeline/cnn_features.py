@@ -19,12 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.amazon import ASIN_BYTES, FEATURE_DIM
 from pipeline.schemas import read_table, validate
 
 log = logging.getLogger(__name__)
 
-FEATURE_DIM = 4096
-ASIN_BYTES = 10
 RECORD = np.dtype([("asin", f"S{ASIN_BYTES}"), ("vector", "<f4", (FEATURE_DIM,))])
 IMAGE_FEATURES_FILE = "image_features.parquet"  # written by preprocess next to items.parquet
 IMAGE_FEATURES = pa.schema(

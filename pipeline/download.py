@@ -22,9 +22,8 @@ from typing import Any
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.amazon import LineStats, iter_meta, iter_reviews
+from pipeline.amazon import FEATURE_RECORD_BYTES, LineStats, iter_meta, iter_reviews
 from pipeline.atomic import write_json
-from pipeline.cnn_features import RECORD
 from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
 from pipeline.fetch import fetch, file_digest, gzip_error
 
@@ -81,10 +80,10 @@ def _join(base: str, name: str) -> str:
 def features_error(path: Path) -> str | None:
     """Why a ``.b`` file is not a run of whole records (ASIN + 4096 float32), or None if it is."""
     size = path.stat().st_size
-    if size == 0 or size % RECORD.itemsize:
+    if size == 0 or size % FEATURE_RECORD_BYTES:
         return (
             f"image features file of {size} bytes is not a whole number of "
-            f"{RECORD.itemsize}-byte records (truncated or not a .b file)"
+            f"{FEATURE_RECORD_BYTES}-byte records (truncated or not a .b file)"
         )
     return None
 
