@@ -116,6 +116,11 @@ def _retry_after(exc: urllib.error.HTTPError) -> float:
 Check = Callable[[Path], str | None]  # why a downloaded file is unusable, or None
 
 
+def gzip_check(part: Path) -> str | None:
+    """``fetch``'s default check: a ``.gz`` download must decompress completely."""
+    return gzip_error(part) if part.name.endswith(".gz.part") else None
+
+
 def _attempt(
     url: str, part: Path, timeout: float, stop: threading.Event | None, check: Check | None
 ) -> tuple[int, str]:
@@ -146,8 +151,6 @@ def _attempt(
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
     if expected is not None and expected.isdigit() and size != int(expected):
         raise _Retryable(f"connection dropped: got {size} of {expected} bytes")
-    if part.name.endswith(".gz.part") and (problem := gzip_error(part)):
-        raise _Retryable(problem)
     if check is not None and (problem := check(part)):
         raise _Retryable(problem)
     return size, h.hexdigest()
@@ -161,13 +164,14 @@ def fetch(
     backoff: float = 0.5,
     timeout: float = 60.0,
     stop: threading.Event | None = None,
-    check: Check | None = None,
+    check: Check | None = gzip_check,
 ) -> Fetched:
     """Download ``url`` to ``dest`` via ``dest.part``, retrying transient failures.
 
     Retries (up to ``retries`` times, waiting ``backoff * 2**k`` seconds) connection errors,
-    timeouts, 408/429/5xx, a body shorter than its Content-Length, a .gz that fails a full
-    decompression, and a body that ``check`` (given the downloaded file) finds unusable.
+    timeouts, 408/429/5xx, a body shorter than its Content-Length, and a body that ``check``
+    (given the downloaded file; by default ``gzip_check``: a .gz must decompress in full) finds
+    unusable.
     404/410 give status "dead" at once. ``dest`` only ever holds a complete file.
     Raises ``Cancelled`` if ``stop`` is set.
     """
