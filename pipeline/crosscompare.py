@@ -1,5 +1,6 @@
-"""Comparing experiments: the report's tables and paired tests across git revisions, DVC
-experiments or folders, for example CLIP vs VLMo after `dvc exp run -S encoder=vlmo`."""
+"""Comparing experiments: the report's tables and tests across users and seeds between git
+revisions, DVC experiments or folders, for example CLIP vs VLMo after
+`dvc exp run -S encoder=vlmo`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.schemas import ID_ONLY
-from pipeline.significance import Run, load_runs
+from pipeline.significance import Cell, Run, cells, load_runs
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +32,13 @@ def encoder_stage(setting: str) -> tuple[str, str] | None:
 
 @dataclass(frozen=True)
 class Entry:
-    """A run as found in one source (its label and its own setting name) and as shown in the
-    comparison (``run.setting`` qualified by the label when there are several sources)."""
+    """A cell (one setting and model, all its seeds) as found in one source (its label and its
+    own setting name) and as shown in the comparison (``cell.setting`` qualified by the label
+    when there are several sources)."""
 
     label: str
     setting: str
-    run: Run
+    cell: Cell
 
 
 def load_source(label: str, models_dir: str, rev: str | None = None, repo: str = ".") -> list[Run]:
@@ -54,35 +56,44 @@ def load_source(label: str, models_dir: str, rev: str | None = None, repo: str =
     return runs
 
 
+def _same_results(a: Cell, b: Cell) -> bool:
+    """Whether two cells hold the same per-user results run by run (seed order)."""
+    return len(a.runs) == len(b.runs) and all(
+        x.per_user.equals(y.per_user) for x, y in zip(a.runs, b.runs, strict=True)
+    )
+
+
 def merge(sources: Sequence[tuple[str, list[Run]]]) -> list[Entry]:
-    """Every source's runs; with several sources each setting is qualified as ``setting
-    (label)``. A run whose per-user results equal one already taken (DVC did not re-run it
-    for the later experiment) is dropped, so it is neither shown nor tested twice."""
+    """Every source's cells (its runs grouped by setting and model); with several sources each
+    setting is qualified as ``setting (label)``. A cell whose runs' per-user results equal
+    those of a cell already taken (DVC did not re-run it for the later experiment) is dropped,
+    so it is neither shown nor tested twice."""
     entries: list[Entry] = []
-    taken: dict[tuple[str, str], list[Run]] = {}
+    taken: dict[tuple[str, str], list[Cell]] = {}
     for label, runs in sources:
-        for run in runs:
-            same = taken.setdefault((run.setting, run.model), [])
-            if any(other.per_user.equals(run.per_user) for other in same):
+        for cell in cells(runs):
+            same = taken.setdefault((cell.setting, cell.model), [])
+            if any(_same_results(other, cell) for other in same):
                 continue
-            same.append(run)
-            shown = run.setting if len(sources) == 1 else f"{run.setting} ({label})"
-            entries.append(Entry(label, run.setting, replace(run, setting=shown)))
+            same.append(cell)
+            shown = cell.setting if len(sources) == 1 else f"{cell.setting} ({label})"
+            qualified = Cell(tuple(replace(r, setting=shown) for r in cell.runs))
+            entries.append(Entry(label, cell.setting, qualified))
     return entries
 
 
-def _same_users(a: Run, b: Run) -> bool:
-    return a.per_user["user_id"].sort().equals(b.per_user["user_id"].sort())
+def _same_users(a: Cell, b: Cell) -> bool:
+    return a.runs[0].per_user["user_id"].sort().equals(b.runs[0].per_user["user_id"].sort())
 
 
-def cross_pairs(entries: Sequence[Entry]) -> list[tuple[str, Run, Run]]:
-    """(label, A, B) pairs, the later source's run as A: for each model and stage, runs of
-    different encoders ("finetuned: vlmo vs clip"), and the same setting from two sources
+def cross_pairs(entries: Sequence[Entry]) -> list[tuple[str, Cell, Cell]]:
+    """(label, A, B) pairs of cells, the later source's as A: for each model and stage, cells
+    of different encoders ("finetuned: vlmo vs clip"), and the same setting from two sources
     ("clip-finetuned: exp-b vs exp-a"). Pairs tested on different users (another dataset or
     split) cannot be paired and are left out, with a warning."""
     pairs, unpaired = [], []
     for first, second in itertools.combinations(entries, 2):
-        if first.run.model != second.run.model or first.label == second.label:
+        if first.cell.model != second.cell.model or first.label == second.label:
             continue
         parts_a, parts_b = encoder_stage(second.setting), encoder_stage(first.setting)
         if second.setting == first.setting:
@@ -91,10 +102,10 @@ def cross_pairs(entries: Sequence[Entry]) -> list[tuple[str, Run, Run]]:
             label = f"{parts_a[1]}: {parts_a[0]} vs {parts_b[0]}"
         else:
             continue
-        if _same_users(second.run, first.run):
-            pairs.append((label, second.run, first.run))
+        if _same_users(second.cell, first.cell):
+            pairs.append((label, second.cell, first.cell))
         else:
-            unpaired.append(f"{second.run.name} / {first.run.name}")
+            unpaired.append(f"{second.cell.name} / {first.cell.name}")
     if unpaired:
         log.warning("not paired (different test users): %s", "; ".join(unpaired))
     return pairs
@@ -112,7 +123,7 @@ def setting_order(entries: Sequence[Entry]) -> list[str]:
 
     labels = list(dict.fromkeys(e.label for e in entries))
     features = [e for e in entries if e.setting != ID_ONLY]
-    return list(dict.fromkeys(e.run.setting for e in sorted(features, key=key)))
+    return list(dict.fromkeys(e.cell.setting for e in sorted(features, key=key)))
 
 
 def source_label(spec: str) -> tuple[str, str]:

@@ -1,18 +1,19 @@
 """The significance report as one list of blocks, rendered to Markdown and to self-contained
-HTML (plots embedded), plus the JSON summary: the paper's tables, its paired comparisons, the
-comparisons with the ID-only references and the computed headline shares."""
+HTML (plots embedded), plus the JSON summary: the paper's tables (mean over seeds and spread),
+the run-to-run spread, its comparisons across users and seeds, the comparisons with the
+ID-only references and the computed headline shares."""
 
 from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.atomic import atomic_path
 from pipeline.schemas import ID_ONLY
-from pipeline.significance import ReportConfig, Run, present_settings
+from pipeline.significance import Cell, ReportConfig, present_settings
 
 NO_FEATURES = "ID only / none"  # the column of the references: BPR, LightGCN, popularity...
 
@@ -38,64 +39,196 @@ def _p(x: float) -> str:
     return f"{x:.2e}" if x < 1e-3 else f"{x:.4f}"
 
 
-def settings_table(
-    runs: Sequence[Run], baselines: dict[str, dict[str, float]], settings: Sequence[str],
-    metric: str,
+def _is_reference(cell: Cell) -> bool:
+    return cell.setting == ID_ONLY or cell.setting.startswith(f"{ID_ONLY} (")  # "id (<source>)"
+
+
+def _grid(
+    cells: Sequence[Cell], settings: Sequence[str], text: Callable[[Cell], str],
+    best: Callable[[Cell], float] | None = None,
 ) -> Table:  # fmt: skip
-    """The paper's layout: one row per model, one column per feature setting (those with at
-    least one run, in ``settings`` order), the best setting of each row in bold; then the
-    ID-only runs and the non-learned ``baselines`` in their own column."""
-    columns = present_settings(runs, settings)
-    value = {(r.model, r.setting): r.metrics[metric] for r in runs if r.setting in columns}
+    """One row per model, one column per feature setting with a cell (in ``settings``
+    order), each cell as ``text`` gives it and the highest ``best`` of a row in bold; then
+    one row per ID-only reference in its own column."""
+    columns = present_settings(cells, settings)
+    by_key = {(c.model, c.setting): c for c in cells if c.setting in columns}
     table = Table(["model", *columns, NO_FEATURES], [])
-    for model in sorted({r.model for r in runs if r.setting in columns}):
-        cells = [value.get((model, s)) for s in columns]
-        best = max(v for v in cells if v is not None)
-        for col, v in enumerate(cells, start=1):
-            if v == best:
-                table.bold.add((len(table.rows), col))
-        table.rows.append([model, *("" if v is None else _fmt(v) for v in cells), ""])
-    references = {
-        r.model + r.setting.removeprefix(ID_ONLY): r.metrics[metric]
-        for r in runs
-        if r.setting == ID_ONLY or r.setting.startswith(f"{ID_ONLY} (")  # "id (<source>)"
-    }
-    references.update({name: vals[metric] for name, vals in baselines.items()})
-    for name, v in references.items():
-        table.rows.append([name, *[""] * len(columns), _fmt(v)])
+    for model in sorted({model for model, _ in by_key}):
+        row = [by_key.get((model, s)) for s in columns]
+        if best is not None:
+            top = max(best(c) for c in row if c is not None)
+            table.bold |= {
+                (len(table.rows), col)
+                for col, c in enumerate(row, start=1)
+                if c is not None and best(c) == top
+            }
+        table.rows.append([model, *("" if c is None else text(c) for c in row), ""])
+    for cell in filter(_is_reference, cells):
+        name = cell.model + cell.setting.removeprefix(ID_ONLY)
+        table.rows.append([name, *[""] * len(columns), text(cell)])
     return table
 
 
+def _mean_spread(cell: Cell, metric: str) -> str:
+    """The mean over seeds; with several seeds, the smallest and largest run in brackets."""
+    values = cell.values(metric)
+    if values.size == 1:
+        return _fmt(values[0])
+    return f"{_fmt(values.mean())} ({_fmt(values.min())}–{_fmt(values.max())})"
+
+
+def settings_table(
+    cells: Sequence[Cell], baselines: dict[str, dict[str, float]], settings: Sequence[str],
+    metric: str,
+) -> Table:  # fmt: skip
+    """The paper's layout: one row per model, one column per feature setting (those with at
+    least one run, in ``settings`` order), each cell the mean over seeds with the min–max
+    over seeds when there are several, the best mean of each row in bold; then the ID-only
+    runs and the non-learned ``baselines`` in their own column."""
+    table = _grid(cells, settings, lambda c: _mean_spread(c, metric), lambda c: c.mean(metric))
+    for name, values in baselines.items():
+        table.rows.append([name, *[""] * (len(table.header) - 2), _fmt(values[metric])])
+    return table
+
+
+def spread_table(cells: Sequence[Cell], settings: Sequence[str], metric: str) -> Table:
+    """The run-to-run spread: per model and setting, the largest minus the smallest test
+    ``metric`` over seeds (and how many seeds), laid out as ``settings_table``."""
+
+    def text(cell: Cell) -> str:
+        spread = cell.spread(metric)
+        if spread is None:
+            return "1 seed"
+        return f"{_fmt(spread)} ({len(cell.runs)} seeds)"
+
+    return _grid(cells, settings, text)
+
+
+def _seeds(row: dict) -> str:
+    if not row["noise_estimated"]:
+        return "1: training noise not separable"
+    if row["paired_seeds"]:
+        return f"{row['n_seeds_a']}, paired"
+    return f"{row['n_seeds_a']} vs {row['n_seeds_b']}"
+
+
 def comparisons_table(rows: Sequence[dict]) -> Table:
-    """Paired tests: difference with its CI, effect size, raw and Holm p-values, Wilcoxon p."""
+    """Tests across users and seeds: difference with its CI, effect size, t and its df, raw
+    and Holm p-values, Wilcoxon p, the seeds, the smallest and largest per-seed difference,
+    whether every seed agrees in sign, and whether the difference holds."""
     header = ["comparison", "A", "B", "metric", "mean A", "mean B", "A−B [95% CI]", "d_z", "t"]
-    table = Table([*header, "p", "p (Holm)", "Wilcoxon p", "significant"], [])
+    header += ["df", "p", "p (Holm)", "Wilcoxon p (users)", "significant", "seeds"]
+    table = Table([*header, "per-seed A−B (min … max)", "same sign", "holds"], [])
+    yes = {True: "yes", False: "no"}
     for r in rows:
         ci = f"{r['diff']:+.4f} [{r['ci_low']:+.4f}, {r['ci_high']:+.4f}]"
         table.rows.append(
             [r["comparison"], r["a"], r["b"], r["metric"], _fmt(r["mean_a"]), _fmt(r["mean_b"]),
-             ci, f"{r['effect_size_dz']:.3f}", f"{r['t']:.3f}", _p(r["p"]), _p(r["p_holm"]),
-             _p(r["wilcoxon_p"]), "yes" if r["significant"] else "no"]
+             ci, f"{r['effect_size_dz']:.3f}", f"{r['t']:.3f}", f"{r['df']:.1f}", _p(r["p"]),
+             _p(r["p_holm"]), _p(r["wilcoxon_p"]), yes[r["significant"]], _seeds(r),
+             f"{r['diff_min']:+.4f} … {r['diff_max']:+.4f}", yes[r["same_sign"]],
+             yes[r["holds"]]]
         )  # fmt: skip
-        if r["significant"]:
+        if r["holds"]:
             table.bold.add((len(table.rows) - 1, len(table.header) - 1))
     return table
 
 
 def headline_text(headline: dict[str, dict[str, float]]) -> str:
-    """One sentence per comparison, from ``significance.headline``."""
+    """One sentence per comparison, from ``significance.headline``: only differences that
+    hold count."""
     if not headline:
         return "No pair of settings to compare yet."
-    return " ".join(
-        f"**{label}**: the first significantly better in {h['better']} of {h['cases']} cases "
-        f"({h['share_better']:.0%}), significantly worse in {h['worse']}."
-        for label, h in headline.items()
+    sentences = []
+    for label, h in headline.items():
+        text = (
+            f"**{label}**: the first better in {h['better']} of {h['cases']} cases "
+            f"({h['share_better']:.0%}), worse in {h['worse']}"
+        )
+        if h["flips"]:
+            text += f"; {h['flips']} more significant but of another sign in some seed"
+        if h["one_seed"]:
+            text += f"; {h['one_seed']} of the {h['cases']} rest on one training run per side"
+        sentences.append(text + ".")
+    return "Counting only differences that hold (significant after Holm and of the same sign " \
+        "in every seed): " + " ".join(sentences)  # fmt: skip
+
+
+def seed_note(rows: Sequence[dict]) -> str:
+    """What the seeds allow the comparisons to claim, in plain words; empty with no tests."""
+    single = sum(not r["noise_estimated"] for r in rows)
+    if not rows or not single:
+        return ""
+    if single == len(rows):
+        return (
+            "**One training run per model and setting: this report cannot separate training "
+            "noise from the effect.** Its tests count the users only; a difference they call "
+            "significant may be the noise of one training run (a second run of the same "
+            "params has moved a model's test recall@20 by 12%). Train several seeds to test "
+            "across them."
+        )
+    return (
+        f"**{single} of the {len(rows)} tests rest on one training run per side** (seeds "
+        "column: 1): for those the test cannot separate training noise from the effect; it "
+        "counts the users only."
     )
+
+
+_METHOD = (
+    "How the comparisons are tested: D = mean(A) − mean(B) over test users and seeds, with "
+    "se² = var_users(d_u)/n + var_seeds(D_s)/k, where d_u is user u's difference averaged over "
+    "the seeds, n the users, D_s seed s's mean difference and k the seeds; t = D / se with "
+    "Welch–Satterthwaite degrees of freedom (n − 1 for the users' part, k − 1 for the seeds'). "
+    "Runs pair seed with seed when A and B have the same seeds (a seed fixes initialisation and "
+    "sampling in both); otherwise the seeds' part is var(A's seed means)/k_A + var(B's)/k_B, a "
+    "side with a single run taking the other side's variance. Why: a paired test over users "
+    "alone treats each trained model as fixed, while a model's test figure moves with its "
+    "training run; a test over the per-seed means alone ignores that the test users are a "
+    "sample. The user-by-seed noise is counted in both parts, which errs on the safe side; a "
+    "few seeds give few degrees of freedom and wide intervals, as they should; with one run "
+    "per side the test is the paired t-test over users. A difference **holds** when it is "
+    "significant at α = {alpha} after Holm–Bonferroni within its family and of the same sign "
+    "in every seed (seed with seed, or every run of A against every run of B when the seeds "
+    "differ); the headline counts only those. Effect size d_z: D over the standard deviation "
+    "of d_u; the Wilcoxon signed-rank test of d_u is a robustness check over users."
+)
+
+
+def method_text(alpha: float) -> str:
+    """The test, its reason and what "holds" means, for the reports' opening paragraph."""
+    return _METHOD.format(alpha=alpha)
+
+
+def seeds_text(cells: Sequence[Cell]) -> str:
+    """Which seeds the cells were trained with, and how many cells each."""
+    counts: dict[tuple, int] = {}
+    for cell in cells:
+        counts[tuple(cell.seeds)] = counts.get(tuple(cell.seeds), 0) + 1
+    parts = []
+    for seeds, count in counts.items():
+        named = ", ".join("unnamed (saved before seeds)" if s is None else str(s) for s in seeds)
+        parts.append(f"{named} ({count} model × setting cells)")
+    return "Seeds: " + "; ".join(parts) + "."
+
+
+def spread_blocks(
+    cells: Sequence[Cell], settings: Sequence[str], metrics: Sequence[str]
+) -> list[Block]:
+    """The run-to-run spread section: what it is, and one table per metric."""
+    blocks: list[Block] = [
+        ("h2", "Run-to-run spread"),
+        ("p", "Per model and setting, the largest minus the smallest test figure over its "
+              "seeds: how far a training run alone moves the result. A difference between "
+              "settings smaller than this is not one to trust from a single run."),
+    ]  # fmt: skip
+    for metric in metrics:
+        blocks += [("h3", f"Test {metric}"), ("table", spread_table(cells, settings, metric))]
+    return blocks
 
 
 def report_blocks(
     dataset: str,
-    runs: Sequence[Run],
+    cells: Sequence[Cell],
     baselines: dict[str, dict[str, float]],
     settings: Sequence[str],
     paper_rows: Sequence[dict],
@@ -106,13 +239,11 @@ def report_blocks(
     plots: Sequence[tuple[str, str]],
 ) -> list[Block]:
     """The whole report; ``plots`` are (path relative to the report, caption)."""
-    n_users = runs[0].per_user.height if runs else 0
-    method = (
-        f"Test users: {n_users}. Paired two-sided t-tests over test users, effect size d_z "
-        "(mean difference over its standard deviation) and the 95% CI of the mean difference; "
-        f"Holm–Bonferroni correction within each family of tests; significant at α = "
-        f"{cfg.alpha} after correction. The Wilcoxon signed-rank test is shown as a "
-        "robustness check. Best setting per model in bold."
+    n_users = cells[0].runs[0].per_user.height if cells else 0
+    opening = (
+        f"Test users: {n_users}. {seeds_text(cells)} Tables: the mean over seeds, with the "
+        "smallest and largest run in brackets when there are several; best mean per model in "
+        "bold. " + method_text(cfg.alpha)
     )
 
     def tables(metrics: Sequence[str]) -> list[Block]:
@@ -121,13 +252,17 @@ def report_blocks(
             for metric in metrics
             for block in (
                 ("h3", f"Test {metric}"),
-                ("table", settings_table(runs, baselines, settings, metric)),
+                ("table", settings_table(cells, baselines, settings, metric)),
             )
         ]
 
-    blocks: list[Block] = [("h1", f"Significance report: {dataset}"), ("p", method)]
+    blocks: list[Block] = [("h1", f"Significance report: {dataset}"), ("p", opening)]
+    note = seed_note([*paper_rows, *reference_rows])
+    if note:
+        blocks.append(("p", note))
     blocks.append(("h2", "The paper's table"))
     blocks += tables(cfg.metrics)
+    blocks += spread_blocks(cells, settings, cfg.metrics)
     blocks += [("h2", "Headline"), ("p", headline_text(headline))]
     blocks += [
         ("h2", f"The paper's comparisons ({len(paper_rows)} tests, one Holm family)"),
@@ -222,24 +357,50 @@ def write_report(blocks: Sequence[Block], out: Path, stem: str, title: str) -> N
 
 
 def outcomes(rows: Sequence[dict]) -> list[dict]:
-    """Each test's labels, difference with CI, effect size, p-values and verdict."""
+    """Each test's labels, difference with CI, effect size, p-values, seeds, per-seed
+    differences and verdicts (significant; holds: significant and one sign in every seed)."""
     keys = ("comparison", "a", "b", "metric", "diff", "ci_low", "ci_high", "effect_size_dz")
-    return [{k: r[k] for k in (*keys, "p", "p_holm", "wilcoxon_p", "significant")} for r in rows]
+    keys += ("df", "p", "p_holm", "wilcoxon_p", "significant", "seeds_a", "seeds_b")
+    keys += ("paired_seeds", "noise_estimated", "seed_diffs", "seed_p", "diff_min", "diff_max")
+    return [{k: r[k] for k in (*keys, "same_sign", "holds")} for r in rows]
+
+
+def _mean_metrics(cell: Cell) -> dict[str, float]:
+    """Each metric every run of ``cell`` has, averaged over its seeds."""
+    shared = set.intersection(*(set(r.metrics) for r in cell.runs))
+    return {k: cell.mean(k) for k in sorted(shared)}
+
+
+def cell_summary(cells: Sequence[Cell], metrics: Sequence[str]) -> dict:
+    """Per ``setting/model``: the metrics averaged over seeds (``runs``), the seeds, each
+    seed's metrics, and per metric the run-to-run spread (None with one seed)."""
+    key = {id(c): f"{c.setting}/{c.model}" for c in cells}
+    return {
+        "runs": {key[id(c)]: _mean_metrics(c) for c in cells},
+        "seeds": {key[id(c)]: c.seeds for c in cells},
+        "runs_per_seed": {
+            key[id(c)]: [{"seed": r.seed, "metrics": dict(r.metrics)} for r in c.runs]
+            for c in cells
+        },
+        "spread": {m: {key[id(c)]: c.spread(m) for c in cells} for m in metrics},
+    }
 
 
 def summary(
-    runs: Sequence[Run],
+    cells: Sequence[Cell],
     baselines: dict[str, dict[str, float]],
     paper_rows: Sequence[dict],
     reference_rows: Sequence[dict],
     headline: dict[str, dict[str, float]],
+    metrics: Sequence[str],
 ) -> dict:
-    """Machine-readable summary (a DVC metric): test metrics per run, the headline shares and
-    every test's outcome."""
+    """Machine-readable summary (a DVC metric): ``cell_summary``, the baselines, the headline
+    shares (differences that hold), every test's outcome and the one-seed note."""
     return {
-        "runs": {f"{r.setting}/{r.model}": dict(r.metrics) for r in runs},
+        **cell_summary(cells, metrics),
         "baselines": baselines,
         "headline": headline,
         "paper_comparisons": outcomes(paper_rows),
         "reference_comparisons": outcomes(reference_rows),
+        "seed_note": seed_note([*paper_rows, *reference_rows]),
     }

@@ -1,4 +1,5 @@
-"""`lmmrec compare`: the report's tables and paired tests across experiments or folders."""
+"""`lmmrec compare`: the report's tables, spread and tests across users and seeds, between
+experiments or folders."""
 
 from __future__ import annotations
 
@@ -9,10 +10,15 @@ from typing import Any
 from pipeline.atomic import write_json
 from pipeline.crosscompare import cross_pairs, load_source, merge, setting_order, source_label
 from pipeline.report import (
+    cell_summary,
     comparisons_table,
     headline_text,
+    method_text,
     outcomes,
+    seed_note,
+    seeds_text,
     settings_table,
+    spread_blocks,
     write_report,
 )
 from pipeline.significance import ReportConfig, compare, headline
@@ -38,27 +44,33 @@ def run(params: dict[str, Any], dataset: str, revs: list[str], dirs: list[str], 
     if len(set(labels)) != len(labels):
         raise ValueError(f"source labels must differ, got {labels}")
     entries = merge(sources)
-    runs = [e.run for e in entries]
+    cells = [e.cell for e in entries]
     rows = compare(cross_pairs(entries), cfg)
     shares = headline(rows)
     settings = setting_order(entries)
     blocks: list = [
         ("h1", f"Comparison on {dataset}: {', '.join(labels)}"),
-        ("p", "Paired two-sided t-tests over test users between encoders at the same stage "
-              "and between sources for the same setting (runs whose per-user results are "
-              "identical in several sources are shown once); Holm–Bonferroni across all "
-              f"{len(rows)} tests; significant at α = {cfg.alpha}. Best per model in bold."),
+        ("p", "Tests between encoders at the same stage and between sources for the same "
+              "setting (cells whose per-user results are identical in several sources are "
+              f"shown once); Holm–Bonferroni across all {len(rows)} tests. {seeds_text(cells)} "
+              "Tables: the mean over seeds, with the smallest and largest run in brackets when "
+              "there are several; best mean per model in bold. " + method_text(cfg.alpha)),
     ]  # fmt: skip
+    note = seed_note(rows)
+    if note:
+        blocks.append(("p", note))
     for metric in cfg.metrics:
-        blocks += [("h2", f"Test {metric}"), ("table", settings_table(runs, {}, settings, metric))]
-    blocks += [("h2", "Headline"), ("p", headline_text(shares)), ("h2", "Paired tests")]
+        blocks += [("h2", f"Test {metric}"), ("table", settings_table(cells, {}, settings, metric))]
+    blocks += spread_blocks(cells, settings, cfg.metrics)
+    blocks += [("h2", "Headline"), ("p", headline_text(shares)), ("h2", "Tests")]
     blocks.append(("table", comparisons_table(rows)) if rows else ("p", "No pairable runs."))
     write_report(blocks, out, "compare", f"lmmrec comparison: {dataset}")
     result = {
-        "runs": {f"{r.setting}/{r.model}": dict(r.metrics) for r in runs},
+        **cell_summary(cells, cfg.metrics),
         "headline": shares,
         "comparisons": outcomes(rows),
+        "seed_note": note,
     }
     write_json(out / "summary.json", result)
-    log.info("compare: %d runs from %s, %d tests -> %s", len(runs), labels, len(rows), out)
+    log.info("compare: %d cells from %s, %d tests -> %s", len(cells), labels, len(rows), out)
     return result
