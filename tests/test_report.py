@@ -1,12 +1,15 @@
 """The significance report: the paper's comparisons across seeds, its tables, the run-to-run
 spread and its HTML page."""
 
+import json
 import re
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from scipy import stats
+from tables import interactions_table
 
 from pipeline.report import (
     report_blocks,
@@ -29,6 +32,7 @@ from pipeline.significance import (
     holm,
     paper_pairs,
 )
+from stages import report
 
 CFG = ReportConfig(alpha=0.05, metrics=("recall@20",))
 N_USERS = 500
@@ -226,3 +230,54 @@ def test_one_seed_says_it_cannot_separate_training_noise(runs):
     partial = _paper_rows(cells(runs)) + compare([single], CFG)
     assert seed_note(partial).startswith(f"**1 of the {len(partial)} tests rest on one")
     assert seed_note(_paper_rows(cells(runs))) == ""
+
+
+def test_report_stage_reads_seed_folders_beside_the_old_layout(tmp_path):
+    """The report stage on ``models/<setting>/<model>/seed-<n>/`` folders (two seeds, e2e
+    one) and an ID-only run in the layout before seeds: tables, spread, tests and curves."""
+    n_users, n_items = 60, 20
+    users = [u for u in range(n_users) for _ in range(4)]
+    items = [(u + k) % n_items for u in range(n_users) for k in range(4)]
+    splits = ["train", "train", "valid", "test"] * n_users
+    pq.write_table(interactions_table(users, items, splits), tmp_path / "interactions.parquet")
+    rng = np.random.default_rng(0)
+    base = rng.random(n_users)
+
+    def write(folder, shift: float) -> None:
+        recall = np.clip(base + shift + rng.normal(0, 0.05, n_users), 0, 1)
+        folder.mkdir(parents=True)
+        pl.DataFrame(
+            {"user_id": np.arange(n_users, dtype=np.int32), "recall@20": recall,
+             "ndcg@20": recall / 2}
+        ).write_parquet(folder / "per_user.parquet")  # fmt: skip
+        metrics = {"recall@20": float(recall.mean()), "ndcg@20": float(recall.mean() / 2)}
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+        curve = folder / "dvclive/plots/metrics/valid_recall@20.tsv"
+        curve.parent.mkdir(parents=True)
+        curve.write_text("step\tvalid_recall@20\n0\t0.1\n1\t0.2\n")
+
+    models = tmp_path / "models"
+    for seed in (2022, 2023):
+        write(models / f"cnn_st/vbpr/seed-{seed}", 0.0)
+        write(models / f"clip-pretrained/vbpr/seed-{seed}", 0.2)
+    write(models / "e2e-clip/vbpr/seed-2022", 0.2)
+    write(models / "id/bpr", -0.1)  # saved before seeds were an axis
+    params = {"dataset": "t", "encoder": "clip", "seed": 2022, "eval": {"topk": [20]},
+              "report": {"alpha": 0.05, "metrics": ["recall@20"]}}  # fmt: skip
+    out = tmp_path / "reports"
+    result = report.run(params, tmp_path / "interactions.parquet", models, out)
+    assert result["seeds"] == {
+        "clip-pretrained/vbpr": [2022, 2023], "cnn_st/vbpr": [2022, 2023],
+        "e2e-clip/vbpr": [2022], "id/bpr": [None],
+    }  # fmt: skip
+    assert result["spread"]["recall@20"]["id/bpr"] is None
+    assert result["spread"]["recall@20"]["cnn_st/vbpr"] > 0
+    (pretrained,) = [r for r in result["paper_comparisons"]
+                     if r["comparison"] == "pretrained LMM vs cnn_st"]  # fmt: skip
+    assert pretrained["paired_seeds"] and pretrained["seed_diffs"] and pretrained["same_sign"]
+    vs_bpr = [r for r in result["reference_comparisons"] if r["a"] == "vbpr [cnn_st]"]
+    assert vs_bpr and not vs_bpr[0]["paired_seeds"] and vs_bpr[0]["noise_estimated"]
+    markdown = (out / "significance.md").read_text()
+    assert "## Run-to-run spread" in markdown and "(2 seeds)" in markdown
+    assert (out / "plots/valid_curves.png").is_file()
+    assert json.loads((out / "summary.json").read_text())["seeds"]["id/bpr"] == [None]
