@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from stages.params import DEFAULT_PARAMS, load_params
+from stages.params import DEFAULT_PARAMS
 
 app = typer.Typer(
     help="lmmrec: large multi-modal encoders for recommendation, as a DVC pipeline.\n\n"
@@ -30,6 +30,13 @@ app.add_typer(features_app, name="features")
 
 Params = Annotated[Path, typer.Option("--params", help="params.yaml to read the knobs from.")]
 Out = Annotated[Path, typer.Option(help="Folder this stage writes (replaced atomically).")]
+
+
+def load_params(path: Path) -> dict:
+    """The params file, checked whole against the schema before any stage work starts."""
+    from stages import schema  # imports every config dataclass: not for `--help`
+
+    return schema.load_params(path)
 
 
 @app.callback()

@@ -1,46 +1,50 @@
-"""params.yaml, read strictly: unknown keys and bad values fail fast naming the key."""
+"""Params sections read strictly: unknown keys and bad values fail fast naming the key.
+
+The whole file is checked once, before any stage work, by ``stages.schema.load_params``; the
+helpers here map one section onto its config dataclass for the stage that reads it.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
-
-import yaml
 
 T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
+SOURCE = str(DEFAULT_PARAMS)  # the file named in messages when the caller does not say which
 
 
 class ParamsError(ValueError):
-    """params.yaml holds a key or value lmmrec cannot use."""
+    """The params file holds a key or value lmmrec cannot use."""
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
-    """Read params.yaml as a plain mapping."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path} not found: run from the project root or pass --params")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ParamsError(f"{path}: expected a mapping at the top level")
-    return data
+def closest(name: str, allowed: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the allowed name nearest to a misspelt ``name``, else ''."""
+    match = difflib.get_close_matches(str(name), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def require(params: dict[str, Any], key: str, allowed: typing.Iterable[str] | None = None) -> Any:
+def require(params: dict[str, Any], key: str, allowed: Iterable[str] | None = None) -> Any:
     """Return ``params[key]`` (dotted keys allowed); check it against ``allowed`` if given."""
     value: Any = params
     for part in key.split("."):
         if not isinstance(value, dict) or part not in value:
-            raise ParamsError(f"params.yaml: missing key {key!r}")
+            raise ParamsError(f"{SOURCE}: missing key {key!r}")
         value = value[part]
     if allowed is not None:
         allowed = sorted(allowed)
         if value not in allowed:
-            raise ParamsError(f"params.yaml: {key} = {value!r} is not allowed; allowed: {allowed}")
+            raise ParamsError(
+                f"{SOURCE}: {key} = {value!r} is not allowed{closest(value, allowed)}; "
+                f"allowed: {allowed}"
+            )
     return value
 
 
@@ -53,13 +57,15 @@ def model_settings(
     train = mapping.pop("train", None) or {}
     if not isinstance(train, dict):
         raise ParamsError(
-            f"params.yaml: {where}.{model}.train should be a mapping of train settings "
+            f"{SOURCE}: {where}.{model}.train should be a mapping of train settings "
             f"(e.g. batch_size: 2048), got {train!r}"
         )
     return mapping, train
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """``value`` checked against the type ``hint`` (ints and float-like strings become floats
+    where a float is expected: YAML 1.1 reads ``1e-3`` as a string); raises naming ``key``."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
@@ -76,53 +82,100 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         raise ParamsError(errors[0])
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
-            raise ParamsError(f"params.yaml: {key} = {value!r} should be a list")
+            raise ParamsError(f"{key} = {value!r} should be a list")
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
-            raise ParamsError(f"params.yaml: {key} = {value!r} should be a mapping")
+            raise ParamsError(f"{key} = {value!r} should be a mapping")
         return dict(value)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ParamsError(f"params.yaml: {key} = {value!r} should be true or false")
+            raise ParamsError(f"{key} = {value!r} should be true or false")
         return value
     if hint is float:
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number):
+                return number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"params.yaml: {key} = {value!r} should be a number")
+            raise ParamsError(f"{key} = {value!r} should be a number")
         return float(value)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"params.yaml: {key} = {value!r} should be an integer")
+            raise ParamsError(f"{key} = {value!r} should be an integer")
         return value
     if hint is str:
         if not isinstance(value, str):
-            raise ParamsError(f"params.yaml: {key} = {value!r} should be a string")
+            raise ParamsError(f"{key} = {value!r} should be a string")
         return value
     return value
 
 
+def check_section(
+    cls: type,
+    mapping: Mapping[str, Any] | None,
+    section: str,
+    source: str = SOURCE,
+    fixed: Mapping[str, str] | None = None,
+    partial: bool = False,
+) -> dict[str, Any]:
+    """The keys of one params section, type-checked against the dataclass ``cls``.
+
+    Unknown keys raise with the closest allowed name, and so do ``fixed`` fields (set from
+    elsewhere: field -> where); unless ``partial`` (an overrides section), fields without a
+    default must be present. Returns the values, coerced to the field types.
+    """
+    if mapping is not None and not isinstance(mapping, dict):
+        raise ParamsError(f"{source}: {section} should be a mapping, got {mapping!r}")
+    mapping = dict(mapping or {})
+    fixed = dict(fixed or {})
+    fields = dataclasses.fields(cls)
+    names = [f.name for f in fields if f.name not in fixed]
+    prefix = f"{section}." if section else ""
+    for key in mapping:
+        if key in fixed:
+            raise ParamsError(f"{source}: {prefix}{key} cannot be set here: {fixed[key]}")
+    unknown = [key for key in mapping if key not in names]
+    if unknown:
+        listed = ", ".join(f"{prefix}{k}{closest(k, names)}" for k in unknown)
+        raise ParamsError(
+            f"{source}: unknown key(s) {listed}; allowed in {section or 'the file'}: {names}"
+        )
+    if not partial:
+        missing = [
+            f.name
+            for f in fields
+            if f.name not in fixed and f.name not in mapping
+            and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]  # fmt: skip
+        if missing:
+            raise ParamsError(f"{source}: missing key(s) {[prefix + k for k in missing]}")
+    hints = typing.get_type_hints(cls)
+    try:
+        return {k: _coerce(v, hints[k], prefix + k) for k, v in mapping.items()}
+    except ParamsError as exc:
+        raise ParamsError(f"{source}: {exc}") from None
+
+
+def construct(
+    cls: type[T], values: Mapping[str, Any], section: str, source: str = SOURCE, **overrides: Any
+) -> T:
+    """``cls(**values, **overrides)``; its own range checks' errors name ``section``."""
+    try:
+        return cls(**{**values, **overrides})
+    except (TypeError, ValueError) as exc:
+        raise ParamsError(f"{source}: {section + ': ' if section else ''}{exc}") from exc
+
+
 def build(cls: type[T], mapping: dict[str, Any] | None, section: str, **overrides: Any) -> T:
-    """Build the frozen config dataclass ``cls`` from one params.yaml section.
+    """Build the frozen config dataclass ``cls`` from one params section.
 
     Unknown keys raise with the allowed ones; values are type-checked against the field hints;
     missing keys take the dataclass defaults. ``overrides`` (e.g. the global seed) win.
     """
-    if mapping is not None and not isinstance(mapping, dict):
-        raise ParamsError(f"params.yaml: {section} should be a mapping, got {mapping!r}")
-    mapping = dict(mapping or {})
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(mapping) - set(names))
-    if unknown:
-        raise ParamsError(
-            f"params.yaml: unknown key(s) {[f'{section}.{k}' for k in unknown]}; "
-            f"allowed in {section}: {names}"
-        )
-    values = {k: _coerce(v, hints[k], f"{section}.{k}") for k, v in mapping.items()}
-    values.update(overrides)
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:
-        raise ParamsError(f"params.yaml: {section}: {exc}") from exc
+    return construct(cls, check_section(cls, mapping, section, partial=True), section, **overrides)
