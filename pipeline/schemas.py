@@ -16,6 +16,14 @@ SPLITS = ("train", "valid", "test")
 WRITTEN_BY = {"interactions": "preprocess", "items": "preprocess", "image_features": "preprocess"}
 # The feature-set name of ID-only runs: models/<dataset>/id/<model>/ (BPR, LightGCN).
 ID_ONLY = "id"
+# One training run's folder: models/<dataset>/<feature_set>/<model>/seed-<seed>/.
+SEED_PREFIX = "seed-"
+
+
+def seed_folder(seed: int) -> str:
+    """The folder name of the run with training ``seed``, under its model's folder."""
+    return f"{SEED_PREFIX}{seed}"
+
 
 INTERACTIONS = pa.schema(
     [

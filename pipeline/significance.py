@@ -16,9 +16,9 @@ import numpy as np
 import polars as pl
 from scipy import stats
 
-log = logging.getLogger(__name__)
+from pipeline.schemas import SEED_PREFIX
 
-SEED_PREFIX = "seed-"  # models/<dataset>/<setting>/<model>/seed-<seed>/
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,13 @@ app.add_typer(features_app, name="features")
 
 Params = Annotated[Path, typer.Option("--params", help="params.yaml to read the knobs from.")]
 Out = Annotated[Path, typer.Option(help="Folder this stage writes (replaced atomically).")]
+Seed = Annotated[
+    int | None,
+    typer.Option(
+        help="Training seed (initialisation, sampling, dropout); default: the first of `seeds` "
+        "in the params file. The data split stays fixed by `seed`."
+    ),
+]
 
 
 def load_params(path: Path) -> dict:
@@ -145,13 +152,16 @@ def train(
         Path | None,
         typer.Option(help="Checkpoint to resume an interrupted run from (deleted when done)."),
     ] = None,
+    seed: Seed = None,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
     """Train one recommender with BPR loss and early stopping; evaluate once on test."""
     from stages import train as stage
 
     with _user_errors():
-        stage.run(load_params(params), model, feature_set, interactions, features, out, checkpoint)
+        stage.run(
+            load_params(params), model, feature_set, interactions, features, out, checkpoint, seed
+        )
 
 
 @app.command()
@@ -172,6 +182,7 @@ def e2e(
             "start that e2e.warm_start asks for)."
         ),
     ] = None,
+    seed: Seed = None,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
     """Train one recommender jointly with the LMM from raw items (memory bank of features);
@@ -180,7 +191,9 @@ def e2e(
     from stages import e2e as stage
 
     with _user_errors():
-        stage.run(load_params(params), model, items, interactions, weights, out, checkpoint, init)
+        stage.run(
+            load_params(params), model, items, interactions, weights, out, checkpoint, init, seed
+        )
 
 
 @app.command()
@@ -194,13 +207,14 @@ def recommend(
     out: Annotated[
         Path | None, typer.Option(help="Parquet file: user_id, rank, item_id, score.")
     ] = None,
+    seed: Seed = None,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
     """Top-k items of a trained recommender: one user with titles, or --all into Parquet."""
     from stages import recommend as stage
 
     with _user_errors():
-        stage.run(load_params(params), dataset, feature_set, model, user, k, all_users, out)
+        stage.run(load_params(params), dataset, feature_set, model, user, k, all_users, out, seed)
 
 
 @app.command()

@@ -26,11 +26,13 @@ log = logging.getLogger(__name__)
 OVERRIDES = ("train", "recommenders")  # e2e sub-sections that override the shared sections
 
 
-def settings(params: dict[str, Any], model: str) -> tuple[E2EConfig, Any, dict[str, Any]]:
+def settings(
+    params: dict[str, Any], model: str, seed: int | None = None
+) -> tuple[E2EConfig, Any, dict[str, Any]]:
     """The e2e config (``e2e`` with the params' encoder's own mapping, e.g. ``e2e.vlmo``, over
     it), the training config (``train``, then ``recommenders.<model>.train``, ``e2e.train`` and
-    ``e2e.recommenders.<model>.train`` over it) and the model's config (``recommenders.<model>``
-    overridden by ``e2e.recommenders.<model>``)."""
+    ``e2e.recommenders.<model>.train`` over it, with the training ``seed``) and the model's
+    config (``recommenders.<model>`` overridden by ``e2e.recommenders.<model>``)."""
     section = params.get("e2e") or {}
     if not isinstance(section, dict):
         raise ParamsError(f"params.yaml: e2e should be a mapping, got {section!r}")
@@ -38,7 +40,7 @@ def settings(params: dict[str, Any], model: str) -> tuple[E2EConfig, Any, dict[s
     cfg = build(E2EConfig, {k: v for k, v in section.items() if k not in OVERRIDES}, "e2e")
     shared, shared_train = model_settings(require(params, "recommenders"), model)
     own, own_train = model_settings(section.get("recommenders"), model, "e2e.recommenders")
-    train_cfg = train_config(params, shared_train, section.get("train") or {}, own_train)
+    train_cfg = train_config(params, shared_train, section.get("train") or {}, own_train, seed=seed)
     return cfg, train_cfg, {**shared, **own}
 
 
@@ -51,19 +53,21 @@ def run(
     out: Path,
     checkpoint: Path | None = None,
     init: Path | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Train ``model`` end to end with the encoder in ``weights``; write ``out``. With
     ``e2e.warm_start`` the recommender starts from ``init`` (its run on the pretrained
-    features). Under ``torchrun --nproc_per_node N`` the processes share each batch and rank
-    0 writes. A prefix cache too large for memory is mapped from a folder next to
-    ``checkpoint`` (else in the system's temporary folder) and removed at the end."""
+    features with the same training ``seed``). Under ``torchrun --nproc_per_node N`` the
+    processes share each batch and rank 0 writes. A prefix cache too large for memory is
+    mapped from a folder next to ``checkpoint`` (else in the system's temporary folder) and
+    removed at the end."""
     name = require(params, "encoder", list_encoders())
     card = read_card(weights)
     if card["encoder"] != name:
         raise ParamsError(f"encoder = {name!r}, but {weights} holds {card['encoder']!r} weights")
     if not get_recommender(model).uses_features:
         raise ParamsError(f"{model} is ID-only: there is no encoder to train with it")
-    cfg, train_cfg, model_config = settings(params, model)
+    cfg, train_cfg, model_config = settings(params, model, seed)
     state = None
     if cfg.warm_start:
         if init is None or not init.is_file():

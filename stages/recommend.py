@@ -1,8 +1,9 @@
 """recommend: top-k items of a trained recommender, for one user (printed) or every user.
 
-Reads what the pipeline made: ``models/<dataset>/<feature_set>/<model>/model.pt`` (the best
-validation epoch's weights), ``data/processed/<dataset>/`` (interactions, item titles) and,
-for models that read item features, ``features/<dataset>/<feature_set>/``. The ranking is the
+Reads what the pipeline made: ``models/<dataset>/<feature_set>/<model>/seed-<seed>/model.pt``
+(the best validation epoch's weights of the run with that training seed),
+``data/processed/<dataset>/`` (interactions, item titles) and, for models that read item
+features, ``features/<dataset>/<feature_set>/``. The ranking is the
 evaluator's (``pipeline.evaluation.recommend``): every item scored, the user's train items
 masked, ties broken by lower item id.
 """
@@ -24,7 +25,7 @@ from pipeline.evaluation import recommend
 from pipeline.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.schemas import ID_ONLY, ITEMS, check_item_rows, read_table, remedy
+from pipeline.schemas import ID_ONLY, ITEMS, check_item_rows, read_table, remedy, seed_folder
 from pipeline.training import MODEL_FILE, resolve_device
 from stages.params import ParamsError, model_settings, require
 from stages.train import train_config
@@ -41,9 +42,11 @@ RECOMMENDATIONS = pa.schema(
 )
 
 
-def train_stage(model: str, feature_set: str) -> str:
-    """The dvc.yaml stage that trains ``model`` on ``feature_set``."""
-    return f"train_id@{model}" if feature_set == ID_ONLY else f"train@{model}-{feature_set}"
+def train_stage(model: str, feature_set: str, seed: int) -> str:
+    """The dvc.yaml stage that trains ``model`` on ``feature_set`` with training ``seed``."""
+    if feature_set == ID_ONLY:
+        return f"train_id@{model}-{seed}"
+    return f"train@{model}-{feature_set}-{seed}"
 
 
 def load_model(
@@ -53,6 +56,7 @@ def load_model(
     data: InteractionData,
     model_file: Path,
     features_dir: Path,
+    seed: int,
 ) -> Recommender:
     """Rebuild recommender ``name`` from params.yaml and load its trained weights (eval mode)."""
     model_cls = get_recommender(name)
@@ -61,7 +65,7 @@ def load_model(
     if not model_cls.uses_features and feature_set != ID_ONLY:
         raise ParamsError(f"{name} is ID-only: its runs live under feature set {ID_ONLY!r}")
     if not model_file.is_file():
-        stage = train_stage(name, feature_set)
+        stage = train_stage(name, feature_set, seed)
         raise FileNotFoundError(f"{model_file} not found: train it first with `dvc repro {stage}`")
     features = None
     if model_cls.uses_features:
@@ -78,7 +82,7 @@ def load_model(
         first = str(exc).strip().splitlines()[-1].strip()
         raise RuntimeError(
             f"{model_file} does not fit recommenders.{name} in params.yaml ({first}); "
-            f"re-train it with `dvc repro {train_stage(name, feature_set)}`"
+            f"re-train it with `dvc repro {train_stage(name, feature_set, seed)}`"
         ) from exc
     return model.eval()
 
@@ -158,12 +162,14 @@ def run(
     k: int,
     all_users: bool,
     out: Path | None,
+    seed: int | None = None,
     processed: Path = Path("data/processed"),
     features: Path = Path("features"),
     models: Path = Path("models"),
 ) -> pa.Table:
     """Recommend ``k`` items to ``user`` (printed with titles) or, with ``all_users``, to every
-    user (written to ``out`` as Parquet, atomically). Returns the recommendation rows."""
+    user (written to ``out`` as Parquet, atomically), from the run with training ``seed``
+    (default: the first of ``seeds``). Returns the recommendation rows."""
     if all_users == (user is not None):
         raise ValueError("give either --user U or --all (with --out), not both or neither")
     if all_users and out is None:
@@ -172,14 +178,15 @@ def run(
     titles = read_titles(processed / dataset / "items.parquet", data)
     if user is not None and not 0 <= user < data.n_users:
         raise ValueError(f"user {user} is unknown: {dataset} has user ids 0..{data.n_users - 1}")
-    cfg = train_config(params)
+    cfg = train_config(params, seed=seed)
     recommender = load_model(
         params,
         model,
         feature_set,
         data,
-        models / dataset / feature_set / model / MODEL_FILE,
+        models / dataset / feature_set / model / seed_folder(cfg.seed) / MODEL_FILE,
         features / dataset / feature_set,
+        cfg.seed,
     )
     users = np.arange(data.n_users) if all_users else np.array([user])
     recs = top_k_table(recommender, data, users, k, cfg.eval_batch_size, resolve_device(cfg.device))

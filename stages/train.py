@@ -16,14 +16,25 @@ from stages.params import ParamsError, build, model_settings, require
 log = logging.getLogger(__name__)
 
 
-def train_config(params: dict[str, Any], *overrides: dict[str, Any]) -> TrainConfig:
+def train_config(
+    params: dict[str, Any], *overrides: dict[str, Any], seed: int | None = None
+) -> TrainConfig:
     """TrainConfig from the `train` section with ``overrides`` over it in order (e.g. a model's
-    ``recommenders.<model>.train``), the global seed and eval.topk."""
+    ``recommenders.<model>.train``) and eval.topk; ``seed`` is the run's training seed
+    (initialisation, sampling, dropout), by default the first of ``seeds``."""
     topk = tuple(require(params, "eval.topk"))
     train = {**(params.get("train") or {})}
     for mapping in overrides:
         train.update(mapping)
-    return build(TrainConfig, train, "train", seed=require(params, "seed"), topk=topk)
+    seed = training_seeds(params)[0] if seed is None else seed
+    return build(TrainConfig, train, "train", seed=seed, topk=topk)
+
+
+def training_seeds(params: dict[str, Any]) -> list[int]:
+    """The training seeds the train, train_id and e2e matrices run over (``seeds``, default
+    ``[seed]``); the data split stays fixed by the global ``seed``."""
+    seeds = params.get("seeds")
+    return [require(params, "seed")] if seeds is None else list(seeds)
 
 
 def run(
@@ -34,10 +45,12 @@ def run(
     features: Path | None,
     out: Path,
     checkpoint: Path | None = None,
+    seed: int | None = None,
 ) -> dict:
     """Train ``model`` on ``interactions`` with the item features in ``features``; write ``out``.
 
-    With ``checkpoint``, an interrupted run continues from its last evaluation.
+    With ``checkpoint``, an interrupted run continues from its last evaluation; ``seed`` is
+    the training seed (default: the first of ``seeds``).
     """
     model_cls = get_recommender(model)
     model_params, own_train = model_settings(require(params, "recommenders"), model)
@@ -54,7 +67,7 @@ def run(
         )
     elif feature_set != ID_ONLY:
         raise ParamsError(f"{model} is ID-only: train it with --feature-set {ID_ONLY}")
-    cfg = train_config(params, own_train)
+    cfg = train_config(params, own_train, seed=seed)
     metrics = train_recommender(model, data, item_features, model_params, cfg, out, checkpoint)
     log.info("%s on %s: %s", model, feature_set, metrics)
     return metrics

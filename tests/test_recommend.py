@@ -11,7 +11,7 @@ from tables import imageless_items, interactions_table
 from pipeline.evaluation import metrics_from_hits, recommend
 from pipeline.features import write_feature_store
 from pipeline.interactions import load_interactions
-from pipeline.schemas import INTERACTIONS, ITEMS, write_table
+from pipeline.schemas import INTERACTIONS, ITEMS, seed_folder, write_table
 from stages import recommend as stage
 from stages import train
 
@@ -47,8 +47,8 @@ def world(tmp_path_factory) -> dict:
     interactions_file = processed / "interactions.parquet"
     for model, fs in (("bpr", "id"), ("vbpr", "fs")):
         features = None if fs == "id" else root / "features/tiny/fs"
-        out = root / "models/tiny" / fs / model
-        train.run(params, model, fs, interactions_file, features, out)
+        out = root / "models/tiny" / fs / model / seed_folder(2022)
+        train.run(params, model, fs, interactions_file, features, out, seed=2022)
     return {
         "params": params,
         "roots": {
@@ -61,9 +61,11 @@ def world(tmp_path_factory) -> dict:
     }
 
 
-def run(world, model="bpr", fs="id", user=None, k=10, all_users=False, out=None, **changes):
-    params = {**world["params"], **changes}
-    return stage.run(params, "tiny", fs, model, user, k, all_users, out, **world["roots"])
+def run(
+    world, model="bpr", fs="id", user=None, k=10, all_users=False, out=None, seed=None, **changes
+):
+    params = {**world["params"], "seeds": [2022, 2023], **changes}
+    return stage.run(params, "tiny", fs, model, user, k, all_users, out, seed, **world["roots"])
 
 
 @pytest.mark.parametrize("model, fs", [("bpr", "id"), ("vbpr", "fs")])
@@ -84,7 +86,9 @@ def test_all_users_get_k_unseen_items_ranked_like_the_evaluator(world, model, fs
         assert len(set(items[u])) == 20
 
     # the recall of these lists on test is the trainer's per-user test recall
-    per_user = pq.read_table(world["root"] / "models/tiny" / fs / model / "per_user.parquet")
+    per_user = pq.read_table(
+        world["root"] / "models/tiny" / fs / model / "seed-2022/per_user.parquet"
+    )
     test_users = per_user.column("user_id").to_numpy()
     hits = np.array([[i in set(data.items_of("test", u)) for i in items[u]] for u in test_users])
     n_relevant = np.array([len(data.items_of("test", u)) for u in test_users])
@@ -97,8 +101,9 @@ def test_all_users_get_k_unseen_items_ranked_like_the_evaluator(world, model, fs
         model,
         fs,
         data,
-        world["root"] / "models/tiny" / fs / model / "model.pt",
+        world["root"] / "models/tiny" / fs / model / "seed-2022/model.pt",
         world["root"] / "features/tiny" / fs,
+        2022,
     )
     ranked = recommend(model_obj.score, data, np.arange(N_USERS), 20)
     np.testing.assert_array_equal(items, ranked)
@@ -127,11 +132,13 @@ def test_clear_errors(world, tmp_path):
     with pytest.raises(ValueError, match=r"k = 50; use 1\.\.39"):
         run(world, user=0, k=50)
     with pytest.raises(
-        FileNotFoundError, match=r"train it first with `dvc repro train_id@lightgcn`"
+        FileNotFoundError, match=r"train it first with `dvc repro train_id@lightgcn-2022`"
     ):
         run(world, "lightgcn", user=0)
-    with pytest.raises(FileNotFoundError, match=r"`dvc repro train@vbpr-other`"):
+    with pytest.raises(FileNotFoundError, match=r"`dvc repro train@vbpr-other-2022`"):
         run(world, "vbpr", "other", user=0)
+    with pytest.raises(FileNotFoundError, match=r"bpr/seed-2023/model.pt not found"):
+        run(world, "bpr", user=0, seed=2023)
     with pytest.raises(ValueError, match="bpr is ID-only"):
         run(world, "bpr", "fs", user=0)
     with pytest.raises(ValueError, match="unknown recommender 'mf'"):
