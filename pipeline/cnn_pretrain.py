@@ -14,19 +14,21 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import InterpolationMode, v2
 from tqdm import tqdm
 
 from pipeline.demo.attributes import ATTRIBUTES, IMAGE_ATTRIBUTES
 from pipeline.demo.corpus import Corpus
 from pipeline.encoders.base import resolve_device
-from pipeline.encoders.cnn_st import DEMO_TAG, CnnStEncoder
 from pipeline.seeding import seed_everything
+
+if TYPE_CHECKING:  # torchvision (imported by cnn_st) costs ~1.5 s: only the stage that trains
+    from pipeline.encoders.cnn_st import CnnStEncoder
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ class CnnPretrainConfig:
 
 def _pixels(corpus: Corpus, size: int) -> torch.Tensor:
     """The corpus images as uint8 [N, 3, size, size], resized and centre-cropped."""
+    from torchvision.transforms import InterpolationMode, v2
+
     prep = v2.Compose(
         [
             v2.PILToTensor(),
@@ -144,6 +148,8 @@ def pretrain_cnn(
     returned, so the history is the same on every run of the same inputs.
     Chance accuracy of an attribute is 1 / its number of values (the corpus draws uniformly).
     """
+    from pipeline.encoders.cnn_st import DEMO_TAG, CnnStEncoder
+
     missing = [a for a in IMAGE_ATTRIBUTES if a not in corpus.attributes]
     if missing:
         raise ValueError(f"corpus lacks labels for {missing}; it has {sorted(corpus.attributes)}")

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.util
 import pkgutil
 from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
 from typing import Generic, TypeVar
 
 T = TypeVar("T", bound=type)
 
 
 class Registry(Generic[T]):
-    """Classes of one kind by name. Modules of ``package`` register theirs with a decorator and
-    are imported on first lookup, so that importing the registry stays cheap."""
+    """Classes of one kind by name. Modules of ``package`` register theirs with a decorator
+    (``@register_<kind>("name")``); the names are read from the modules' source and a lookup
+    imports only the module that declares the name, so that listing the names (a params check)
+    costs no heavy import (open_clip, torchvision)."""
 
     def __init__(self, kind: str, base: T, package: str) -> None:
         self.kind = kind
@@ -42,19 +48,46 @@ class Registry(Generic[T]):
 
         return decorate
 
-    def _discover(self) -> None:
+    def _modules(self) -> list[str]:
         package = importlib.import_module(self.package)
-        for module in pkgutil.iter_modules(package.__path__):
-            if not module.name.startswith("_"):
-                importlib.import_module(f"{self.package}.{module.name}")
+        return [
+            f"{self.package}.{m.name}"
+            for m in pkgutil.iter_modules(package.__path__)
+            if not m.name.startswith("_")
+        ]
+
+    @cached_property
+    def _declared(self) -> dict[str, str]:
+        """{name: module} for every ``@register_...("name")`` decorator in the package's
+        modules, read without importing them."""
+        declared = {}
+        for module in self._modules():
+            path = Path(importlib.util.find_spec(module).origin)
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ClassDef):
+                    for deco in node.decorator_list:
+                        if (
+                            isinstance(deco, ast.Call)
+                            and isinstance(deco.func, ast.Name)
+                            and deco.func.id.startswith("register_")
+                            and len(deco.args) == 1
+                            and isinstance(deco.args[0], ast.Constant)
+                        ):
+                            declared[deco.args[0].value] = module
+        return declared
+
+    def _discover(self) -> None:
+        for module in self._modules():
+            importlib.import_module(module)
 
     def names(self) -> list[str]:
         """Every registered name, sorted."""
-        self._discover()
-        return sorted(self._classes)
+        return sorted(set(self._declared) | set(self._classes))
 
     def get(self, name: str) -> T:
         """The class registered as ``name``; an unknown name lists the known ones."""
+        if name not in self._classes and name in self._declared:
+            importlib.import_module(self._declared[name])
         if name not in self._classes:
             self._discover()
         if name not in self._classes:

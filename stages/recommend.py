@@ -81,7 +81,7 @@ def load_model(
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1].strip()
         raise RuntimeError(
-            f"{model_file} does not fit recommenders.{name} in params.yaml ({first}); "
+            f"{model_file} does not fit recommenders.{name} in the params file ({first}); "
             f"re-train it with `dvc repro {train_stage(name, feature_set, seed)}`"
         ) from exc
     return model.eval()

@@ -97,7 +97,7 @@ def test_two_process_e2e_matches_one_process(tmp_path):
     train = {"max_epochs": 2, "batch_size": 32, "grad_accum": 2, "patience": 5,
              "valid_metric": "recall@10"}  # fmt: skip
     e2e = {"encoder_lr": 0.001, "freeze_layers": 1, "warm_start": False, "train": train}
-    params = _world_files(tmp_path, e2e=e2e, eval={"topk": [5, 10]})
+    params = _world_files(tmp_path, e2e=e2e, eval={"topk": [5, 10, 20]})
     runs = {}
     for nproc in (1, 2):
         out = tmp_path / f"run{nproc}"

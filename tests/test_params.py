@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -230,3 +232,16 @@ def test_missing_file_section_or_key_is_named(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match=f"{bad} is not valid YAML"):
         load_params(bad)
+
+
+def test_checking_params_imports_no_encoder_library():
+    # every stage checks the whole file first: open_clip and torchvision (~2.5 s together)
+    # would be paid by each of the ~50 demo stages, most of which never encode an image
+    code = (
+        "import sys; from stages.schema import load_params; load_params('params.yaml'); "
+        "print(sorted(m for m in ('open_clip', 'torchvision') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"

@@ -144,5 +144,5 @@ def test_clear_errors(world, tmp_path):
     with pytest.raises(ValueError, match="unknown recommender 'mf'"):
         run(world, "mf", user=0)
     changed = {**world["params"]["recommenders"], "bpr": {"embedding_size": 16}}
-    with pytest.raises(RuntimeError, match="does not fit recommenders.bpr in params.yaml"):
+    with pytest.raises(RuntimeError, match="does not fit recommenders.bpr in the params file"):
         run(world, user=0, recommenders=changed)

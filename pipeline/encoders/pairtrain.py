@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 from pipeline.distributed import World, sum_gradients
@@ -85,6 +84,8 @@ class PairTrainConfig:
 
 def image_pixels(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> [N, 3, size, size] uint8, resized and centre-cropped as at evaluation."""
+    from torchvision.transforms import v2  # ~1.5 s to import: not for a params check
+
     prep = v2.Compose(
         [v2.Resize(size, v2.InterpolationMode.BICUBIC), v2.CenterCrop(size), v2.PILToTensor()]
     )
