@@ -1,6 +1,8 @@
 """The stage commands end to end on a tiny demo world, through the CLI dvc.yaml calls."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import faiss
@@ -216,3 +218,16 @@ def test_a_model_s_own_train_settings_override_the_shared_ones(pipeline_run, tmp
     p.write_text(yaml.safe_dump(params))
     result = CliRunner().invoke(app, [*args, "--out", out, "--params", p])
     assert result.exit_code == 1 and "recommenders.bpr.train should be a mapping" in result.output
+
+
+def test_the_command_keeps_exit_codes_and_output_when_it_skips_teardown(tmp_path):
+    # `lmmrec` (stages.cli:main) ends with os._exit: what it prints and its exit status must
+    # come through as typer gives them
+    run = [str(Path(sys.executable).parent / "lmmrec")]  # the installed console script
+    ok = subprocess.run([*run, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert ok.returncode == 0 and "Usage: lmmrec" in ok.stdout
+    bad = [*run, "stats", "demo", "--processed", str(tmp_path / "none")]
+    failed = subprocess.run(bad, cwd=ROOT, capture_output=True, text=True)
+    assert failed.returncode == 1 and "error:" in failed.stderr
+    usage = subprocess.run([*run, "--bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert usage.returncode == 2 and "No such option" in usage.stderr
