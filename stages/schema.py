@@ -55,10 +55,12 @@ class TopLevel:
     models: tuple[str, ...]  # recommenders that read item features, one run per feature set
     id_models: tuple[str, ...]  # ID-only references, trained once
     seeds: tuple[int, ...] | None = None  # training seeds; None: [seed]
+    e2e_seeds: tuple[int, ...] | None = None  # the seeds e2e runs with, some of them; None: all
 
     def __post_init__(self) -> None:
-        if self.seeds is not None and not self.seeds:
-            raise ValueError("seeds = []; list at least one training seed (or leave it out)")
+        for key in ("seeds", "e2e_seeds"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ValueError(f"{key} = []; list at least one training seed (or leave it out)")
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,19 @@ def validate(data: Any, source: str = str(DEFAULT_PARAMS)) -> dict[str, Any]:
 
 def _check_top_level(top: TopLevel, source: str) -> None:
     """Dataset and encoder known; models registered, feature-reading in ``models`` and
-    ID-only in ``id_models``, none twice; training seeds distinct."""
+    ID-only in ``id_models``, none twice; training seeds distinct, e2e's among them."""
     _choice(top.dataset, sorted(DATASETS), "dataset", source)
     _choice(top.encoder, list_encoders(), "encoder", source)
-    if top.seeds is not None and len(set(top.seeds)) != len(top.seeds):
-        raise ParamsError(f"{source}: seeds = {list(top.seeds)} repeats a seed; list each once")
+    seeds = [top.seed] if top.seeds is None else list(top.seeds)
+    for key, listed in (("seeds", top.seeds), ("e2e_seeds", top.e2e_seeds)):
+        if listed is not None and len(set(listed)) != len(listed):
+            raise ParamsError(f"{source}: {key} = {list(listed)} repeats a seed; list each once")
+    outside = sorted(set(top.e2e_seeds or ()) - set(seeds))
+    if outside:
+        raise ParamsError(
+            f"{source}: e2e_seeds {outside} not in seeds {seeds}: e2e warm-starts from the "
+            "same seed's run on the pretrained features"
+        )
     lists = (
         ("models", top.models, True, "list it in id_models"),
         ("id_models", top.id_models, False, "list it in models"),

@@ -169,6 +169,8 @@ def _set(*keys_value):
         (_set("seeds", []), r"seeds = \[\]; list at least one training seed"),
         (_set("seeds", [1, 1]), r"seeds = \[1, 1\] repeats a seed"),
         (_set("seeds", [1, "2"]), r"seeds\[1\] = '2' should be an integer"),
+        (_set("e2e_seeds", [9]), r"e2e_seeds \[9\] not in seeds \[2022, 2023\]: e2e warm-starts"),
+        (_set("e2e_seeds", []), r"e2e_seeds = \[\]; list at least one"),
         (_set("train", "seed", 7), r"train\.seed cannot be set here: the training seeds are"),
         (_set("train", "valid_metric", "recall@30"), r"train: valid_metric = 'recall@30'"),
         (_set("preprocess", "seed", 7), r"preprocess\.seed cannot be set here"),
@@ -215,10 +217,17 @@ def test_every_section_and_override_is_checked(tmp_path, change, match):
 
 
 def test_seeds_is_optional_and_a_list_of_distinct_integers(tmp_path):
-    params = load_params(params_file(tmp_path, _set("seeds", [3, 1, 2])))
-    assert params["seeds"] == [3, 1, 2]
-    without = params_file(tmp_path, lambda p: p.pop("seeds", None), name="no-seeds.yaml")
-    assert "seeds" not in load_params(without)
+    def three(p):
+        p.update(seeds=[3, 1, 2], e2e_seeds=[1])
+
+    params = load_params(params_file(tmp_path, three))
+    assert params["seeds"] == [3, 1, 2] and params["e2e_seeds"] == [1]
+
+    def one_seed(p):
+        p.pop("seeds", None)
+        p["e2e_seeds"] = [p["seed"]]  # e2e's seeds among the default [seed]
+
+    assert "seeds" not in load_params(params_file(tmp_path, one_seed, name="no-seeds.yaml"))
 
 
 def test_missing_file_section_or_key_is_named(tmp_path):

@@ -62,7 +62,7 @@ def test_each_seed_trains_its_own_run_and_a_seed_repeats_exactly(interactions, t
 @pytest.mark.parametrize("stage", ["train", "train_id", "e2e"])
 def test_training_stages_run_over_the_seeds_into_per_seed_folders(stage):
     spec = DVC[stage]
-    assert spec["matrix"]["seed"] == "${seeds}"
+    assert spec["matrix"]["seed"] == ("${e2e_seeds}" if stage == "e2e" else "${seeds}")
     assert "--seed ${item.seed}" in spec["cmd"]
     outs = [next(iter(o)) if isinstance(o, dict) else o for o in spec["outs"] + spec["metrics"]]
     assert all("/seed-${item.seed}/" in o for o in outs), outs
