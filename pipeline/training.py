@@ -4,8 +4,9 @@ Follows MMRec's ``common/trainer.py``: Adam (no weight decay, no learning-rate d
 default scheduler factor is 1.0), one sampled negative per train pair per epoch, the
 validation metric checked every ``eval_every`` epochs, training stops once it has failed to
 beat the best value ``patience`` + 1 times in a row (MMRec's ``early_stopping``:
-``cur_step > stopping_step``). Unlike MMRec, the test split is scored once, with the weights
-of the best validation epoch, instead of at every evaluation.
+``cur_step > stopping_step``), but not before ``min_epochs`` (default 0, as MMRec). Unlike
+MMRec, the test split is scored once, with the weights of the best validation epoch, instead
+of at every evaluation.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step (under torchrun the processes share them)
     max_epochs: int = 1000
     patience: int = 8  # evaluations without gain on valid_metric tolerated before stopping
+    min_epochs: int = 0  # no early stop before this epoch: an early dip does not end a run
     eval_every: int = 1  # epochs between validation evaluations (the last epoch always is one)
     seed: int = 2022  # initialisation (via train_recommender) and negative sampling
     topk: tuple[int, ...] = (10, 20, 50)
@@ -70,8 +72,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_epochs", "eval_every", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} = {getattr(self, name)}; use at least 1")
-        if self.patience < 0:
-            raise ValueError(f"patience = {self.patience}; use a value >= 0")
+        for name in ("patience", "min_epochs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} = {getattr(self, name)}; use a value >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr = {self.lr}; use a positive learning rate")
         ks = check_topk(self.topk)
@@ -206,6 +209,11 @@ def _evaluate(
     return evaluate(
         lambda users: model.score(users.to(device)), data, split, cfg.topk, cfg.eval_batch_size
     )
+
+
+def _stops(progress: _Progress, cfg: TrainConfig) -> bool:
+    """Early stopping: more than ``patience`` evaluations without gain, from ``min_epochs``."""
+    return progress.stale > cfg.patience and progress.epoch >= cfg.min_epochs
 
 
 @dataclass
@@ -450,7 +458,7 @@ def _fit(
             desc=model.name,
             disable=None if world.is_main else True,
         )
-        while progress.epoch < cfg.max_epochs and progress.stale <= cfg.patience:
+        while progress.epoch < cfg.max_epochs and not _stops(progress, cfg):
             epoch = progress.epoch + 1
             epoch_start = time.perf_counter()
             row = {"loss": _train_epoch(model, optimizer, data, cfg, epoch, device, world)}
@@ -486,7 +494,7 @@ def _fit(
                 elapsed = time.perf_counter() - started
                 saved = dataclasses.replace(progress, seconds=progress.seconds + elapsed)
                 _save_checkpoint(checkpoint_path, fingerprint, saved, model, optimizer)
-            if progress.stale > cfg.patience:
+            if _stops(progress, cfg):
                 log.info(
                     "early stop at epoch %d: no gain for %d evaluations", epoch, progress.stale
                 )

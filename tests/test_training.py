@@ -102,19 +102,21 @@ class Constant(Recommender):
 
 
 @pytest.mark.parametrize(
-    "patience, eval_every, max_epochs, epochs",
+    "patience, eval_every, max_epochs, min_epochs, epochs",
     [
-        (2, 1, 50, 4),  # best at epoch 1, then 3 evaluations without gain > patience 2
-        (0, 3, 50, 6),  # evaluations at 3 (best) and 6 (no gain > patience 0)
-        (5, 4, 6, 6),  # the last epoch is always evaluated; max_epochs ends it
+        (2, 1, 50, 0, 4),  # best at epoch 1, then 3 evaluations without gain > patience 2
+        (0, 3, 50, 0, 6),  # evaluations at 3 (best) and 6 (no gain > patience 0)
+        (5, 4, 6, 0, 6),  # the last epoch is always evaluated; max_epochs ends it
+        (2, 1, 50, 9, 9),  # patience ran out at epoch 4; min_epochs holds the stop to epoch 9
     ],
 )
 def test_early_stopping_counts_evaluations(
-    data, tmp_path, patience, eval_every, max_epochs, epochs
+    data, tmp_path, patience, eval_every, max_epochs, min_epochs, epochs
 ):
     cfg = TrainConfig(
-        batch_size=256, max_epochs=max_epochs, patience=patience, eval_every=eval_every, topk=TOPK
-    )
+        batch_size=256, max_epochs=max_epochs, patience=patience, eval_every=eval_every,
+        min_epochs=min_epochs, topk=TOPK,
+    )  # fmt: skip
     metrics = train(Constant.build(data, None, {}), data, cfg, tmp_path)
     assert metrics["epochs"] == epochs
     assert metrics["best_epoch"] == min(eval_every, max_epochs)
