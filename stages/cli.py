@@ -432,7 +432,8 @@ def main() -> None:
 
     Unloading torch's modules at exit costs 1-2 s a process, paid by each of the ~50 stages of
     `dvc repro`; the stage's files are written and closed by then, so the exit handlers run and
-    the streams are flushed, and the process ends without unloading anything."""
+    the streams are flushed, and the process ends without unloading anything. `python -m
+    stages.cli` exits normally, so that profilers and coverage still write their data."""
     try:
         app()
         code = 0
@@ -449,5 +450,5 @@ def main() -> None:
     os._exit(code)
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m stages.cli (torchrun, profilers): a normal exit
+    app()
