@@ -28,7 +28,7 @@ from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.schemas import ID_ONLY, ITEMS, check_item_rows, read_table, remedy, seed_folder
 from pipeline.training import MODEL_FILE, resolve_device
 from stages.params import ParamsError, model_settings, require
-from stages.train import train_config
+from stages.train import train_config, training_seeds
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,11 @@ def run(
     titles = read_titles(processed / dataset / "items.parquet", data)
     if user is not None and not 0 <= user < data.n_users:
         raise ValueError(f"user {user} is unknown: {dataset} has user ids 0..{data.n_users - 1}")
+    if seed is not None and seed not in training_seeds(params):
+        raise ParamsError(
+            f"--seed {seed}: the pipeline trains seeds {training_seeds(params)}; add it to "
+            "`seeds` and run `dvc repro` to train that run"
+        )
     cfg = train_config(params, seed=seed)
     recommender = load_model(
         params,

@@ -139,6 +139,8 @@ def test_clear_errors(world, tmp_path):
         run(world, "vbpr", "other", user=0)
     with pytest.raises(FileNotFoundError, match=r"bpr/seed-2023/model.pt not found"):
         run(world, "bpr", user=0, seed=2023)
+    with pytest.raises(ValueError, match=r"--seed 7: the pipeline trains seeds \[2022, 2023\]"):
+        run(world, "bpr", user=0, seed=7)
     with pytest.raises(ValueError, match="bpr is ID-only"):
         run(world, "bpr", "fs", user=0)
     with pytest.raises(ValueError, match="unknown recommender 'mf'"):
