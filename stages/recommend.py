@@ -178,10 +178,11 @@ def run(
     titles = read_titles(processed / dataset / "items.parquet", data)
     if user is not None and not 0 <= user < data.n_users:
         raise ValueError(f"user {user} is unknown: {dataset} has user ids 0..{data.n_users - 1}")
-    if seed is not None and seed not in training_seeds(params):
+    seeds = training_seeds(params)
+    if seed is not None and seed not in seeds:
         raise ParamsError(
-            f"--seed {seed}: the pipeline trains seeds {training_seeds(params)}; add it to "
-            "`seeds` and run `dvc repro` to train that run"
+            f"--seed {seed}: the pipeline trains seeds {seeds}; add it to `seeds` and run "
+            "`dvc repro` to train that run"
         )
     cfg = train_config(params, seed=seed)
     recommender = load_model(

@@ -35,6 +35,7 @@ from pipeline.recommenders import get_recommender, list_recommenders
 from pipeline.significance import ReportConfig
 from pipeline.training import TrainConfig
 from stages.params import DEFAULT_PARAMS, ParamsError, check_section, closest, construct
+from stages.train import training_seeds
 from stages.weights import BASELINE, EncoderSpec
 
 # TrainConfig fields that come from elsewhere, in `train` and every override of it
@@ -163,7 +164,7 @@ def _check_top_level(top: TopLevel, source: str) -> None:
     ID-only in ``id_models``, none twice; training seeds distinct, e2e's among them."""
     _choice(top.dataset, sorted(DATASETS), "dataset", source)
     _choice(top.encoder, list_encoders(), "encoder", source)
-    seeds = [top.seed] if top.seeds is None else list(top.seeds)
+    seeds = training_seeds({"seed": top.seed, "seeds": top.seeds})
     for key, listed in (("seeds", top.seeds), ("e2e_seeds", top.e2e_seeds)):
         if listed is not None and len(set(listed)) != len(listed):
             raise ParamsError(f"{source}: {key} = {list(listed)} repeats a seed; list each once")
