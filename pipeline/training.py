@@ -37,6 +37,7 @@ from pipeline.atomic import atomic_path, replaced_folder, write_json
 from pipeline.distributed import World, sum_gradients, sum_scalar
 from pipeline.evaluation import METRICS, EvalResult, check_topk, evaluate
 from pipeline.interactions import InteractionData
+from pipeline.optimizer import FusedAdam
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.sampling import epoch_batches
@@ -138,16 +139,16 @@ def micro_batches(n: int, cfg: TrainConfig, world: World) -> list[torch.Tensor]:
     return [p for p in parts[world.shard(cfg.grad_accum)] if len(p)]
 
 
-def make_optimizer(model: Recommender, lr: float) -> torch.optim.Adam:
+def make_optimizer(model: Recommender, lr: float) -> FusedAdam:
     """Adam over the model's ``param_groups``, as one fused kernel per parameter: the same
     update as the default (for-each) Adam, every row of every parameter with a gradient,
     in one pass over its memory instead of about seven (differs in the last float bits)."""
-    return torch.optim.Adam(model.param_groups(lr), lr=lr, fused=True)
+    return FusedAdam(model.param_groups(lr), lr=lr)
 
 
 def train_step(
     model: Recommender,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FusedAdam,
     users: torch.Tensor,
     pos: torch.Tensor,
     neg: torch.Tensor,
@@ -178,7 +179,7 @@ def train_step(
 
 def _train_epoch(
     model: Recommender,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FusedAdam,
     data: InteractionData,
     cfg: TrainConfig,
     epoch: int,
@@ -255,7 +256,7 @@ def _config_fields(config: Any) -> dict[str, Any]:
 
 
 # the code a run's result depends on besides the model's own module
-_CODE = ("training", "sampling", "evaluation", "losses", "graph", "interactions")
+_CODE = ("training", "optimizer", "sampling", "evaluation", "losses", "graph", "interactions")
 
 
 def _code_digest(model: Recommender) -> str:
@@ -327,7 +328,7 @@ def _save_checkpoint(
     fingerprint: dict,
     progress: _Progress,
     model: Recommender,
-    optimizer: torch.optim.Optimizer,
+    optimizer: FusedAdam,
 ) -> None:
     """Write everything needed to continue the run after this epoch, atomically."""
     checkpoint = {
@@ -543,13 +544,17 @@ def train_recommender(
 def deterministic() -> Iterator[None]:
     """Torch's deterministic algorithms (warn-only where none exists) inside the block:
     multithreaded CPU gradient accumulation otherwise made LATTICE's metrics differ between
-    identical runs."""
+    identical runs.
+
+    Sets the flag through ``torch._C`` rather than ``torch.use_deterministic_algorithms``,
+    which also sets torch.compile's (inductor's) flag and so imports the compiler, ~1.2 s a
+    process; nothing here is compiled."""
     previous = (
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch._C._set_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch._C._set_deterministic_algorithms(previous[0], warn_only=previous[1])
