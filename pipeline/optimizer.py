@@ -66,10 +66,9 @@ class FusedAdam:
                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
                     }
-                lists = shards.setdefault((p.device, p.dtype), [[], [], [], [], []])
-                for slot, tensor in zip(
-                    lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
-                ):
+                tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"])
+                lists = shards.setdefault((p.device, p.dtype), [[] for _ in tensors])
+                for slot, tensor in zip(lists, tensors, strict=True):
                     slot.append(tensor)
             beta1, beta2 = group["betas"]
             for params, grads, exp_avgs, exp_avg_sqs, steps in shards.values():
@@ -105,7 +104,7 @@ class FusedAdam:
                 f"parameters, this optimiser {sizes}"
             )
         params = [p for group in self.param_groups for p in group["params"]]
-        for group, saved in zip(self.param_groups, groups):
+        for group, saved in zip(self.param_groups, groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
             group["betas"] = tuple(group["betas"])
         self.state = {

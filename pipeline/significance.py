@@ -10,11 +10,11 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import fsspec
 import numpy as np
 import polars as pl
-from scipy import stats
 
 from pipeline.schemas import SEED_PREFIX
 
@@ -193,6 +193,14 @@ def load_runs(models_dir: str | Path, fs: fsspec.AbstractFileSystem | None = Non
     return runs
 
 
+def _stats() -> ModuleType:
+    """scipy.stats, imported when a test runs: importing it costs ~0.7 s, which every stage
+    would pay, since the params schema imports this module for ``ReportConfig``."""
+    from scipy import stats
+
+    return stats
+
+
 def _seed_variance(
     means_a: np.ndarray, means_b: np.ndarray, paired: bool
 ) -> list[tuple[float, int]]:
@@ -226,8 +234,8 @@ def _t_test(
     df = var**2 / sum(v**2 / d for v, d in terms)
     se = math.sqrt(var)
     t = mean / se
-    p = float(2 * stats.t.sf(abs(t), df))
-    return t, df, p, float(stats.t.ppf(0.5 + confidence / 2, df) * se)
+    p = float(2 * _stats().t.sf(abs(t), df))
+    return t, df, p, float(_stats().t.ppf(0.5 + confidence / 2, df) * se)
 
 
 def seeded_test(
@@ -279,7 +287,7 @@ def seeded_test(
         "t": t,
         "df": df,
         "p": p,
-        "wilcoxon_p": float(stats.wilcoxon(user_diff).pvalue) if np.any(user_diff) else 1.0,
+        "wilcoxon_p": float(_stats().wilcoxon(user_diff).pvalue) if np.any(user_diff) else 1.0,
         "n_seeds_a": a.shape[0],
         "n_seeds_b": b.shape[0],
         "paired_seeds": paired,
@@ -379,4 +387,4 @@ def mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]
     if values.size < 2:
         return float(values.mean()), 0.0
     sem = float(values.std(ddof=1)) / math.sqrt(values.size)
-    return float(values.mean()), float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * sem)
+    return float(values.mean()), float(_stats().t.ppf(0.5 + confidence / 2, values.size - 1) * sem)

@@ -41,7 +41,7 @@ def test_updates_equal_torch_fused_adam_bit_for_bit(weight_decay):
     for step in range(20):
         _step(ours, mine, step)
         _step(theirs, torch_adam, step)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         assert torch.equal(a, b)
 
 
@@ -58,7 +58,7 @@ def test_a_restored_state_continues_exactly():
     second.load_state_dict(saved)
     for step in range(5, 10):
         _step(resumed, second, step)
-    for a, b in zip(straight, resumed):
+    for a, b in zip(straight, resumed, strict=True):
         assert torch.equal(a, b)
 
 
