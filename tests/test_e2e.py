@@ -14,6 +14,7 @@ import torch
 from graphs import clustered
 from tables import make_items
 
+import pipeline.training as training
 from pipeline.distributed import World
 from pipeline.e2e import (
     ENCODER_DIR,
@@ -314,6 +315,7 @@ def test_a_run_that_fails_to_save_its_encoder_leaves_the_earlier_run(tmp_path, m
     from test_training import files_under
 
     monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
+    monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)  # save at every evaluation
     data = clustered(30, N_ITEMS, 6, 3)
     one_epoch = replace(TRAIN, max_epochs=1)
 
@@ -341,6 +343,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(e2e, tmp_path, m
     from test_resume import Interrupted, interrupt_after, outputs
 
     monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
+    monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)  # save at every evaluation
     data = clustered(30, N_ITEMS, 6, 3)
     cfg = TrainConfig(
         batch_size=32, max_epochs=3, patience=5, topk=(5, 10), valid_metric="recall@10"
@@ -359,6 +362,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(e2e, tmp_path, m
         interrupt_after(patch, 2)
         with pytest.raises(Interrupted):
             run("resumed", checkpoint)
+    assert torch.load(checkpoint, weights_only=True)["progress"]["epoch"] == 2
     resumed = run("resumed", checkpoint)
     assert outputs(tmp_path / "resumed") == outputs(tmp_path / "whole")
     assert all(torch.equal(resumed[k], whole[k]) for k in whole)

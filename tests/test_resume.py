@@ -37,6 +37,12 @@ def _outside_repo(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _checkpoint_every_evaluation(monkeypatch):
+    """These runs take milliseconds an epoch: save at every evaluation, as a slow run does."""
+    monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)
+
+
 @pytest.fixture(scope="module")
 def data() -> InteractionData:
     """60 users in 3 taste groups over 45 items: 8 interactions each, 6 train / 1 / 1."""
@@ -137,6 +143,17 @@ def test_resumed_run_equals_uninterrupted(
     assert outputs(tmp_path / "resumed") == outputs(tmp_path / "whole")
     assert metrics["epochs"] > stop_after
     assert not checkpoint.exists()  # removed after a successful finish
+
+
+def test_checkpoints_wait_for_the_interval(data, tmp_path, monkeypatch):
+    # within the interval nothing is saved: an interruption then starts the run afresh
+    monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 3600.0)
+    checkpoint = tmp_path / "run.pt"
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, 3)
+        with pytest.raises(Interrupted):
+            run_model("bpr", data, None, CFG, tmp_path / "out", checkpoint)
+    assert not checkpoint.exists()
 
 
 @pytest.mark.parametrize("name", list_recommenders())
