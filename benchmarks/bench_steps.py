@@ -483,14 +483,6 @@ def print_table(rows: list[dict[str, Any]]) -> None:
     )
 
 
-def ensure_worktree(tree: Path, rev: str) -> None:
-    """Create the base worktree at ``rev`` when it is missing."""
-    if not (tree / "pipeline").is_dir():
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True
-        )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", help="comma-separated subset (default: every registered)")
@@ -513,7 +505,7 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    from timing import chosen_models
+    from timing import chosen_models, ensure_worktree
 
     names = chosen_models(args.models)
     args.base_tree = args.base_tree.resolve()

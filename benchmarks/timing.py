@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def median_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -29,3 +33,12 @@ def chosen_models(spec: str | None) -> list[str]:
     if unknown:
         sys.exit(f"unknown model(s) {unknown}; registered: {known}")
     return names
+
+
+def ensure_worktree(tree: Path, rev: str) -> None:
+    """Create a detached git worktree of this repository at ``rev`` in ``tree`` when missing
+    (the old side of an old-against-new benchmark)."""
+    if not (tree / "pipeline").is_dir():
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True
+        )
