@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def median_seconds(fn: Callable[[], object], reps: int) -> float:
@@ -29,3 +31,12 @@ def chosen_models(spec: str | None) -> list[str]:
     if unknown:
         sys.exit(f"unknown model(s) {unknown}; registered: {known}")
     return names
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far: VmHWM, which starts afresh at exec (Linux's
+    ru_maxrss would carry over the parent's peak into a worker started by subprocess)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
