@@ -117,6 +117,7 @@ def preprocess_worker(name: str, raw: Path, out: Path, seed: int) -> dict[str, A
     stats = preprocess(raw, get_dataset(name), out, PreprocessConfig(core=core, seed=seed))
     return {
         "seconds": time.perf_counter() - start,
+        "review_lines": stats["review_lines"],
         "kept": f"{stats['users']:,} users, {stats['items']:,} items, "
         f"{stats['interactions']:,} interactions",
     }
@@ -453,7 +454,8 @@ def render(
             f"An epoch projected to take over {args.epoch_budget:g} s is not run: its time is "
             f"the median of {args.steps} timed steps x the steps of an epoch, marked `~` and "
             "PROJECTED. Peak RSS: the worker process's VmHWM (data, features, model, the "
-            "steps, the epoch and the validation pass; for preprocess, the run alone).",
+            "steps, the epoch and the validation pass; for preprocess, a process that imports "
+            "torch and the pipeline, then runs it; the raw files are written by another).",
             "",
             "| dataset | stage | time (one epoch) | validation pass | peak RSS MiB | how |",
             "|---|---|---:|---:|---:|---|",
