@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import math
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import pyarrow as pa
 import torch
 import yaml
 from PIL import Image
+from timing import peak_rss_mib
 
 from pipeline.distributed import World
 from pipeline.e2e import EndToEnd, build_end_to_end, build_prefix_cache, prefix_bytes_per_item
@@ -49,15 +49,6 @@ DEMO = ROOT / "data/processed/demo"
 CPU = torch.device("cpu")
 ACCEPT_STEP = 1.3  # an e2e step may cost this much of a cached-feature step + the unfrozen layers
 PAPER_ARCHS = (("clip", "ViT-B-16"), ("vlmo", "vlmo_base_plus_patch16_224"))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far: VmHWM, which starts afresh at exec (Linux's
-    ru_maxrss would carry over the parent's peak into a worker started by subprocess)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _params() -> dict:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 import yaml
 from synthetic import ELEC, IMAGE_DIM, TEXT_DIM, synthetic_features, synthetic_interactions
-from timing import chosen_models, median_seconds
+from timing import chosen_models, median_seconds, peak_rss_mib
 
 from pipeline.distributed import World
 from pipeline.evaluation import evaluate
@@ -44,11 +43,6 @@ SAMPLING_TARGET = 0.10  # negative sampling + batching: at most this share of an
 EVAL_TARGET = 2.0  # a full validation pass: at most this many dense score matmuls
 
 log = logging.getLogger("bench")
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def model_params(name: str) -> dict[str, Any]:

@@ -28,8 +28,10 @@ class Size:
 
 
 BABY = Size("baby", 19_445, 7_050, 160_792)  # Amazon 2014 Baby, 5-core
+SPORTS = Size("sports", 35_598, 18_357, 296_337)  # Amazon 2014 Sports_and_Outdoors, 5-core
+CLOTHING = Size("clothing", 39_387, 23_033, 278_677)  # Amazon 2014 Clothing_Shoes_and_Jewelry
 ELEC = Size("elec", 192_403, 63_001, 1_689_188)  # Amazon 2014 Electronics, 5-core (the largest)
-SIZES = {s.name: s for s in (BABY, ELEC)}
+SIZES = {s.name: s for s in (BABY, SPORTS, CLOTHING, ELEC)}
 
 
 def synthetic_arrays(size: Size, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import resource
 import statistics
 import subprocess
 import sys
@@ -42,3 +43,12 @@ def ensure_worktree(tree: Path, rev: str) -> None:
         subprocess.run(
             ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True
         )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far: VmHWM, which starts afresh at exec (Linux's
+    ru_maxrss would carry over the parent's peak into a worker started by subprocess)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
