@@ -68,6 +68,7 @@ class DatasetSpec:
     category: str = ""  # amazon2014/amazon2023: the release's category; mmrec: <category>.inter
     url: str = ""  # base URL of the files ('' = the source's default; mmrec/lattice have none)
     mirror: str = ""  # a local folder holding the files (downloaded by hand): read, never a URL
+    meta: str = ""  # mmrec/lattice: an Amazon 2014 metadata file beside them (meta_Baby.json.gz)
 
     @property
     def mirror_uri(self) -> str:

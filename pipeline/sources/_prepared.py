@@ -1,21 +1,34 @@
 """What the prepared sources (MMRec, LATTICE folders) share: their split written as the
-interactions contract, ids kept when dense, and their ``.npy`` features checked and kept."""
+interactions contract, ids kept when dense, their ``.npy`` features checked and kept, and,
+given an Amazon 2014 metadata file for their ASINs, the items' titles, texts and images."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from pipeline.amazon import LineStats
 from pipeline.atomic import write_json
 from pipeline.cnn_features import IMAGE_FEATURES_FILE, published_features_table
+from pipeline.datasets import DatasetInfo, DatasetSpec
+from pipeline.download import DownloadConfig, download_dataset, download_files
 from pipeline.fetch import file_digest
 from pipeline.images import placeholder_jpeg
 from pipeline.prepared import PREPARED_FEATURES_FILE, prepared_table
-from pipeline.preprocess import INTERACTIONS_FILE, ITEMS_FILE, STATS_FILE
+from pipeline.preprocess import (
+    INTERACTIONS_FILE,
+    ITEMS_FILE,
+    STATS_FILE,
+    PreprocessConfig,
+    build_items,
+    read_item_meta,
+)
 from pipeline.schemas import INTERACTIONS, ITEMS, SPLITS, write_table
 
 log = logging.getLogger(__name__)
@@ -24,6 +37,58 @@ IMAGE_FEAT, TEXT_FEAT = "image_feat.npy", "text_feat.npy"
 NO_RAW_ITEMS = (
     "ids, a split and .npy features only: no item images or texts (metadata) to encode"
 )
+
+
+Mapping = Callable[[Path], "dict[int, str] | None"]  # reads an ASIN mapping file
+
+
+@dataclass(frozen=True)
+class MetaFiles(DatasetInfo):
+    """A prepared folder's ASIN mapping and Amazon 2014 metadata file, read as a release's
+    reviews and metadata: ``download_dataset`` then fetches the mapped items' images."""
+
+    mapping: str = ""  # the ASIN mapping file (i_id_mapping.csv, item2id.json)
+    meta_name: str = ""  # the metadata file (meta_<Category>.json.gz)
+    read_mapping: Mapping | None = field(default=None, compare=False)
+
+    @property
+    def reviews_file(self) -> str:
+        return self.mapping
+
+    @property
+    def meta_file(self) -> str:
+        return self.meta_name
+
+    @property
+    def publishes_image_features(self) -> bool:
+        return False
+
+    def reviews(self, path: Path, stats: LineStats) -> Iterator[dict]:
+        """One record per mapped ASIN (the items whose images are wanted)."""
+        for asin in sorted(set((self.read_mapping(path) or {}).values())):
+            stats.read += 1
+            yield {"reviewerID": "-", "asin": asin}
+
+
+def download_prepared(
+    dataset: str,
+    spec: DatasetSpec,
+    base: str,
+    files: list[tuple[str, bool]],
+    mapping: tuple[str, Mapping],
+    out_dir: Path,
+    cfg: DownloadConfig,
+) -> dict:
+    """Fetch a prepared folder's ``files`` from ``base``; with ``spec.meta``, that metadata file
+    too and each mapped item's image (``images/<asin>.jpg`` of a mirror, else its http(s)
+    imUrl), the ASIN ``mapping`` file (name, reader) then being required."""
+    summary = download_files(files, base, out_dir, dataset, cfg)
+    if spec.meta:
+        info = MetaFiles(dataset, dataset, False, mapping[0], spec.meta, mapping[1])
+        cfg = replace(cfg, reviews_url=base, meta_url=base)
+        mirror = Path(spec.mirror).expanduser() if spec.mirror else None
+        summary["meta"] = download_dataset(info, out_dir, cfg, mirror)
+    return summary
 
 
 def require(path: Path, what: str) -> Path:
@@ -66,12 +131,16 @@ def write_prepared(
     out_dir: Path,
     source: str,
     where: str,
+    meta: tuple[Path, MetaFiles] | None,
+    cfg: PreprocessConfig,
 ) -> dict:
     """Write the processed files from a prepared split and ``raw_dir``'s .npy features.
 
     ``frame``: user, item (the source's int ids), rating, timestamp, split (train|valid|test),
     read from ``where`` (named in errors). Ids that are dense 0..n-1 are kept; others are
     re-indexed in sorted order (stats.json says so). ``asins``: original item id -> ASIN.
+    With ``meta`` (the metadata file and its reader), the items get titles, texts and images
+    (``raw_dir/images/<asin>.jpg``, decoded and resized by ``cfg``) as raw sources' do.
     """
     reindexed = {}
     for column, new in (("user", "user_id"), ("item", "item_id")):
@@ -104,19 +173,32 @@ def write_prepared(
             "split": pa.array(frame["split"].to_list(), pa.string()),
         }
     )
-    placeholder = placeholder_jpeg()
-    item_meta = {"source": source, "raw_items": NO_RAW_ITEMS}
-    items_table = pa.table(
-        {
-            "item_id": pa.array(np.arange(n_items), pa.int32()),
-            "asin": pa.array(item_asins, pa.string()),
-            "title": pa.array([""] * n_items, pa.string()),
-            "text": pa.array([""] * n_items, pa.string()),
-            "image_path": pa.array([None] * n_items, pa.string()),
-            "image_bytes": pa.array([placeholder] * n_items, pa.binary()),
-            "has_image": pa.array([False] * n_items, pa.bool_()),
-        }
-    )
+    item_counts: dict[str, int] = {}
+    if meta is not None:
+        if asins is None:
+            raise FileNotFoundError(
+                f"{where}: {meta[1].mapping} (the items' ASINs) is missing, so the metadata "
+                f"{meta[0].name} cannot be joined to the items"
+            )
+        records, _ = read_item_meta(require(meta[0], "Amazon 2014 metadata"), set(item_asins),
+                                    meta[1])  # fmt: skip
+        items_table, item_counts = build_items(raw_dir, item_asins, records, cfg)
+        raw_items = f"titles, texts and images from {meta[0].name}"
+    else:
+        placeholder = placeholder_jpeg()
+        items_table = pa.table(
+            {
+                "item_id": pa.array(np.arange(n_items), pa.int32()),
+                "asin": pa.array(item_asins, pa.string()),
+                "title": pa.array([""] * n_items, pa.string()),
+                "text": pa.array([""] * n_items, pa.string()),
+                "image_path": pa.array([None] * n_items, pa.string()),
+                "image_bytes": pa.array([placeholder] * n_items, pa.binary()),
+                "has_image": pa.array([False] * n_items, pa.bool_()),
+            }
+        )
+        raw_items = NO_RAW_ITEMS
+    item_meta = {"source": source, "raw_items": raw_items}
     files = {}
     for name in (IMAGE_FEAT, TEXT_FEAT):
         size, digest = file_digest(raw_dir / name)
@@ -140,7 +222,8 @@ def write_prepared(
         "items_with_asin": sum(int(i) in (asins or {}) for i in original),
         "image_dim": int(image.shape[1]),
         "text_dim": int(text.shape[1]),
-        "raw_items": NO_RAW_ITEMS,
+        "raw_items": raw_items,
+        **item_counts,
     }
     write_table(interactions, out_dir / INTERACTIONS_FILE, INTERACTIONS, "interactions")
     write_table(items_table, out_dir / ITEMS_FILE, ITEMS.with_metadata(item_meta), "items")

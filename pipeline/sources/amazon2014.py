@@ -22,6 +22,8 @@ class Amazon2014(Source):
         """Category needed; the base URLs are ``download.*_url``, not ``url``."""
         if not spec.category:
             raise ValueError(f"datasets.{dataset}.category is empty: amazon2014 needs one")
+        if spec.meta:
+            raise ValueError(f"datasets.{dataset}.meta: amazon2014 reads its own metadata file")
         if spec.url:
             raise ValueError(
                 f"datasets.{dataset}.url: amazon2014 reads its three base URLs from "

@@ -22,6 +22,11 @@ class Source:
     def check(self, dataset: str, spec: DatasetSpec) -> None:
         """Raise ValueError, naming the ``datasets.<dataset>`` key, if ``spec`` cannot work."""
         where = f"datasets.{dataset}"
+        if spec.meta and not self.prepared:
+            raise ValueError(
+                f"{where}.meta: only prepared sources (mmrec, lattice) take a metadata file; "
+                f"{self.name} reads its own"
+            )
         if self.needs_category and not spec.category:
             raise ValueError(f"{where}.category is empty: {self.name} needs the category name")
         if spec.url and spec.mirror:

@@ -19,8 +19,10 @@ class Demo(Source):
         """The demo names its files by ``category`` and has no location."""
         if not spec.category:
             raise ValueError(f"datasets.{dataset}.category is empty: the demo's files need one")
-        if spec.url or spec.mirror:
-            raise ValueError(f"datasets.{dataset}: the demo is generated; set no url or mirror")
+        if spec.url or spec.mirror or spec.meta:
+            raise ValueError(
+                f"datasets.{dataset}: the demo is generated; set no url, mirror or meta"
+            )
 
     def download(
         self, dataset: str, spec: DatasetSpec, out_dir: Path, cfg: DownloadConfig, demo: Any

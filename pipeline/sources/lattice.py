@@ -2,7 +2,8 @@
 
 ``5-core/train.json``, ``5-core/val.json``, ``5-core/test.json``: JSON objects user id -> list
 of item ids (0-based); ``image_feat.npy`` and ``text_feat.npy``, row = item id; optional
-``item2id.json`` (ASIN -> item id). No ratings or times: rating 1, timestamp 0.
+``item2id.json`` (ASIN -> item id). No ratings or times: rating 1, timestamp 0. With ``meta``
+(an Amazon 2014 metadata file in the same place), the mapped items get titles, texts, images.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from typing import Any
 import polars as pl
 
 from pipeline.datasets import DatasetSpec
-from pipeline.download import DownloadConfig, download_files
+from pipeline.download import DownloadConfig
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sources import Source, register_source
-from pipeline.sources._prepared import IMAGE_FEAT, TEXT_FEAT, require, write_prepared
+from pipeline.sources._prepared import (
+    IMAGE_FEAT,
+    TEXT_FEAT,
+    MetaFiles,
+    download_prepared,
+    require,
+    write_prepared,
+)
 
 SPLIT_FILES = {"train": "5-core/train.json", "valid": "5-core/val.json", "test": "5-core/test.json"}
 ITEM_MAPPING = "item2id.json"
@@ -78,8 +86,10 @@ class Lattice(Source):
     def download(
         self, dataset: str, spec: DatasetSpec, out_dir: Path, cfg: DownloadConfig, demo: Any
     ) -> dict:
-        """Copy (mirror) or fetch (url) the folder's files into ``out_dir``."""
-        return download_files(self.files(), self.base_url(spec), out_dir, dataset, cfg)
+        """Copy (mirror) or fetch (url) the folder's files (and any ``meta``) into ``out_dir``."""
+        mapping = (ITEM_MAPPING, read_item_mapping)
+        base = self.base_url(spec)
+        return download_prepared(dataset, spec, base, self.files(), mapping, out_dir, cfg)
 
     def preprocess(
         self, dataset: str, spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: PreprocessConfig
@@ -90,5 +100,9 @@ class Lattice(Source):
             pl.lit(1.0, pl.Float32).alias("rating"), pl.lit(0, pl.Int64).alias("timestamp")
         )
         asins = read_item_mapping(raw_dir / ITEM_MAPPING)
+        meta = None
+        if spec.meta:
+            info = MetaFiles(dataset, dataset, False, ITEM_MAPPING, spec.meta, read_item_mapping)
+            meta = (raw_dir / spec.meta, info)
         where = str(raw_dir / "5-core")
-        return write_prepared(frame, asins, raw_dir, out_dir, self.name, where)
+        return write_prepared(frame, asins, raw_dir, out_dir, self.name, where, meta, cfg)

@@ -3,7 +3,8 @@
 ``<name>.inter``: tab-separated, header ``userID itemID rating timestamp x_label`` (x_label 0
 train, 1 valid, 2 test; ids 0-based); ``image_feat.npy`` [items, 4096] and ``text_feat.npy``
 [items, 384], row = itemID; optional ``i_id_mapping.csv`` (tab-separated ``asin itemID``).
-The split is kept exactly, the ids too when dense.
+The split is kept exactly, the ids too when dense. With ``meta`` (an Amazon 2014 metadata
+file in the same place), the mapped items get their titles, texts and images.
 """
 
 from __future__ import annotations
@@ -14,10 +15,17 @@ from typing import Any
 import polars as pl
 
 from pipeline.datasets import DatasetSpec
-from pipeline.download import DownloadConfig, download_files
+from pipeline.download import DownloadConfig
 from pipeline.preprocess import PreprocessConfig
 from pipeline.sources import Source, register_source
-from pipeline.sources._prepared import IMAGE_FEAT, TEXT_FEAT, require, write_prepared
+from pipeline.sources._prepared import (
+    IMAGE_FEAT,
+    TEXT_FEAT,
+    MetaFiles,
+    download_prepared,
+    require,
+    write_prepared,
+)
 
 ITEM_MAPPING = "i_id_mapping.csv"
 LABELS = {0: "train", 1: "valid", 2: "test"}  # MMRec's x_label values
@@ -86,8 +94,10 @@ class MMRec(Source):
     def download(
         self, dataset: str, spec: DatasetSpec, out_dir: Path, cfg: DownloadConfig, demo: Any
     ) -> dict:
-        """Copy (mirror) or fetch (url) the folder's files into ``out_dir``."""
-        return download_files(self.files(spec), self.base_url(spec), out_dir, dataset, cfg)
+        """Copy (mirror) or fetch (url) the folder's files (and any ``meta``) into ``out_dir``."""
+        mapping = (ITEM_MAPPING, read_item_mapping)
+        base = self.base_url(spec)
+        return download_prepared(dataset, spec, base, self.files(spec), mapping, out_dir, cfg)
 
     def preprocess(
         self, dataset: str, spec: DatasetSpec, raw_dir: Path, out_dir: Path, cfg: PreprocessConfig
@@ -96,4 +106,8 @@ class MMRec(Source):
         inter = raw_dir / f"{spec.category}.inter"
         frame = read_inter(inter)
         asins = read_item_mapping(raw_dir / ITEM_MAPPING)
-        return write_prepared(frame, asins, raw_dir, out_dir, self.name, str(inter))
+        meta = None
+        if spec.meta:
+            info = MetaFiles(dataset, dataset, False, ITEM_MAPPING, spec.meta, read_item_mapping)
+            meta = (raw_dir / spec.meta, info)
+        return write_prepared(frame, asins, raw_dir, out_dir, self.name, str(inter), meta, cfg)
