@@ -134,13 +134,16 @@ def served(tmp_path):
     httpd.server_close()
 
 
-def params_file(tmp_path: Path, name: str, entry: dict, **train) -> Path:
-    """params.yaml with dataset ``name`` = ``entry`` and one-epoch training."""
+def params_file(tmp_path: Path, name: str, entry: dict) -> Path:
+    """params.yaml with dataset ``name`` = ``entry``, one-epoch training and a tiny baseline
+    CNN pretraining (a few seconds)."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["dataset"] = name
     params["datasets"][name] = entry
-    params["train"].update(max_epochs=1, min_epochs=0, **train)
+    params["train"].update(max_epochs=1, min_epochs=0)
     params["download"].update(retries=0, timeout=5.0)
+    params["pretrain_corpus"].update(n_pairs=64)
+    params["cnn_weights"].update(epochs=1, batch_size=16, holdout_pairs=16)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
@@ -214,6 +217,10 @@ def test_lattice_import_keeps_split_and_features(tmp_path):
     image, text = _features(2)
     order = np.argsort(store.item_ids)
     assert np.array_equal(store.image[order], image) and np.array_equal(store.text[order], text)
+    invoke("train", "--model", "lattice", "--feature-set", "cnn_st", "--interactions",
+           run / "processed/interactions.parquet", "--features", run / "features/cnn_st",
+           "--out", run / "models/lattice", "--params", tmp_path / "params.yaml")  # fmt: skip
+    assert json.loads((run / "models/lattice/metrics.json").read_text())["epochs"] == 1
 
 
 def test_mmrec_from_url_trains_and_reports(tmp_path, served):
@@ -298,7 +305,8 @@ def test_mmrec_with_metadata_gets_item_texts_and_images(tmp_path):
 
 def test_amazon2023_from_url_end_to_end(tmp_path, served):
     """2023 files from an http base URL: items keyed by parent_asin, text from title, store,
-    categories, features and description, the MAIN image fetched; then BPR trains."""
+    categories, features and description, the MAIN image fetched; then the baseline's
+    features are extracted from the items (as for raw data) and VBPR and BPR train."""
     www, base = served
     write_amazon2023(www / "raw", "Baby_Products", base + "/raw")
     entry = {"source": "amazon2023", "category": "Baby_Products", "url": f"{base}/raw"}
@@ -319,10 +327,19 @@ def test_amazon2023_from_url_end_to_end(tmp_path, served):
     )
     inter = pl.read_parquet(run / "processed/interactions.parquet")
     assert inter["timestamp"].min() == 1_600_000_000  # milliseconds became seconds
-    invoke("train", "--model", "bpr", "--feature-set", "id", "--interactions",
-           run / "processed/interactions.parquet", "--out", run / "models/id/bpr",
+    proc, weights = run / "processed", run / "weights/cnn_st"
+    invoke("weights", "--encoder", "cnn_st", "--out", weights, "--params", p)
+    invoke("extract", "--feature-set", "cnn_st", "--items", proc / "items.parquet",
+           "--weights", weights, "--published", proc / "image_features.parquet",
+           "--prepared", proc / "prepared_features.parquet", "--out", run / "features/cnn_st",
            "--params", p)  # fmt: skip
-    assert json.loads((run / "models/id/bpr/metrics.json").read_text())["epochs"] == 1
+    assert read_feature_store(run / "features/cnn_st", N_ITEMS).metadata["n_with_image"] == N_ITEMS
+    for model, feature_set in (("vbpr", "cnn_st"), ("bpr", "id")):
+        features = ["--features", run / "features/cnn_st"] if feature_set == "cnn_st" else []
+        invoke("train", "--model", model, "--feature-set", feature_set, "--interactions",
+               proc / "interactions.parquet", *features, "--out", run / "models" / model,
+               "--params", p)  # fmt: skip
+        assert json.loads((run / "models" / model / "metrics.json").read_text())["epochs"] == 1
 
 
 def test_amazon2014_mirror_reads_the_folder_and_refuses_local_urls_from_data(tmp_path):

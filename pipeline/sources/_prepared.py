@@ -39,7 +39,7 @@ NO_RAW_ITEMS = (
 )
 
 
-Mapping = Callable[[Path], "dict[int, str] | None"]  # reads an ASIN mapping file
+AsinReader = Callable[[Path], "dict[int, str] | None"]  # reads an ASIN mapping file
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class MetaFiles(DatasetInfo):
 
     mapping: str = ""  # the ASIN mapping file (i_id_mapping.csv, item2id.json)
     meta_name: str = ""  # the metadata file (meta_<Category>.json.gz)
-    read_mapping: Mapping | None = field(default=None, compare=False)
+    read_mapping: AsinReader | None = field(default=None, compare=False)
 
     @property
     def reviews_file(self) -> str:
@@ -75,7 +75,7 @@ def download_prepared(
     spec: DatasetSpec,
     base: str,
     files: list[tuple[str, bool]],
-    mapping: tuple[str, Mapping],
+    mapping: tuple[str, AsinReader],
     out_dir: Path,
     cfg: DownloadConfig,
 ) -> dict:
