@@ -56,6 +56,21 @@ def iter_reviews(path: str | Path, stats: LineStats | None = None) -> Iterator[d
         yield rec
 
 
+def json_lines(path: str | Path, stats: LineStats) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each line of a JSON-lines file holding a JSON object."""
+    for lineno, line in _lines(Path(path)):
+        stats.read += 1
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            stats.skip(lineno, f"not JSON ({exc.msg})")
+            continue
+        if not isinstance(rec, dict):
+            stats.skip(lineno, "not a JSON object")
+            continue
+        yield lineno, rec
+
+
 def iter_meta(path: str | Path, stats: LineStats | None = None) -> Iterator[dict]:
     """Yield metadata dicts; the 2014 files hold one Python dict literal a line.
 

@@ -134,16 +134,17 @@ def align_to_items(
 
 
 def published_features_table(
-    item_asins: Sequence[str], features_path: str | Path
+    item_asins: Sequence[str], features_path: str | Path | None
 ) -> tuple[pa.Table, dict[str, int | bool]]:
     """The ``image_features.parquet`` table of the items (item id = position in
     ``item_asins``) that have a vector in ``features_path``, and counts for stats.json.
 
-    No file: an empty table. The schema metadata records ``items``, ``found``, ``source`` and
-    ``source_exists``, so the table is written (and a DVC out) whether or not the file exists.
+    No file (or None: the source has none): an empty table. The schema metadata records
+    ``items``, ``found``, ``source`` and ``source_exists``, so the table is written (and a DVC
+    out) whether or not the file exists.
     """
-    features_path = Path(features_path)
-    exists = features_path.is_file()
+    features_path = Path(features_path if features_path is not None else "none")
+    exists = features_path.is_file() and features_path.name != "none"
     stats = ImageFeatureStats(0, 0, 0, 0)
     item_ids = np.empty(0, np.int32)
     vectors = np.empty((0, FEATURE_DIM), np.float32)

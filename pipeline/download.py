@@ -13,16 +13,17 @@ import re
 import threading
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.amazon import FEATURE_RECORD_BYTES, LineStats, iter_meta, iter_reviews
+from pipeline.amazon import FEATURE_RECORD_BYTES, LineStats
 from pipeline.atomic import write_json
 from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
 from pipeline.fetch import fetch, file_digest, gzip_error
@@ -71,6 +72,7 @@ class _Job:
     rel: str  # destination, relative to out_dir, POSIX separators
     required: bool = False
     image: bool = False
+    mirrored: bool = False  # the URL is a file in the mirror the params name, not from the data
 
 
 def _join(base: str, name: str) -> str:
@@ -98,6 +100,17 @@ def image_error(path: Path) -> str | None:
     return None
 
 
+def npy_error(path: Path) -> str | None:
+    """Why a ``.npy`` file is not a readable 2-d numeric array (no pickles), or None if it is."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        return f"not a readable .npy array ({exc})"
+    if array.ndim != 2 or array.dtype.kind not in "fiu":
+        return f".npy holds a {array.dtype} array of shape {array.shape}, not a 2-d numeric one"
+    return None
+
+
 def _content_error(job: _Job, path: Path) -> str | None:
     """Why ``path``, meant as ``job``'s file, is unusable (checked by its kind), or None."""
     if job.image:
@@ -106,6 +119,8 @@ def _content_error(job: _Job, path: Path) -> str | None:
         return gzip_error(path)
     if job.rel.endswith(".b"):
         return features_error(path)
+    if job.rel.endswith(".npy"):
+        return npy_error(path)
     return None
 
 
@@ -218,13 +233,17 @@ class _Manifest:
         write_json(self.path, {"dataset": self.dataset, "files": files})
 
 
-def _image_jobs(out_dir: Path, info: DatasetInfo, cfg: DownloadConfig) -> tuple[list[_Job], int]:
-    """One job per reviewed item with an imUrl (sorted by asin, capped); plus how many lack one."""
+def _image_jobs(
+    out_dir: Path, info: DatasetInfo, cfg: DownloadConfig, mirror: Path | None
+) -> tuple[list[_Job], int]:
+    """One job per reviewed item with an imUrl (sorted by asin, capped); plus how many lack one.
+
+    An item whose ``<mirror>/images/<asin>.jpg`` exists is read from there instead."""
     stats = LineStats()
-    asins = {r["asin"] for r in iter_reviews(out_dir / info.reviews_file, stats)}
+    asins = {r["asin"] for r in info.reviews(out_dir / info.reviews_file, stats)}
     meta_stats = LineStats()
     urls: dict[str, str] = {}
-    for rec in iter_meta(out_dir / info.meta_file, meta_stats):
+    for rec in info.meta(out_dir / info.meta_file, meta_stats):
         url = rec.get("imUrl")
         if rec["asin"] in asins and isinstance(url, str) and url.strip():
             urls[rec["asin"]] = url.strip()
@@ -237,7 +256,14 @@ def _image_jobs(out_dir: Path, info: DatasetInfo, cfg: DownloadConfig) -> tuple[
     chosen = sorted(a for a in urls if _ASIN.fullmatch(a))
     if cfg.max_images:
         chosen = chosen[: cfg.max_images]
-    jobs = [_Job(urls[a], f"{IMAGES_DIR}/{a}.jpg", image=True) for a in chosen]
+    jobs = []
+    for asin in chosen:
+        local = None if mirror is None else mirror / IMAGES_DIR / f"{asin}.jpg"
+        rel = f"{IMAGES_DIR}/{asin}.jpg"
+        if local is not None and local.is_file():
+            jobs.append(_Job(local.resolve().as_uri(), rel, image=True, mirrored=True))
+        else:
+            jobs.append(_Job(urls[asin], rel, image=True))
     return jobs, len(asins) - len(urls)
 
 
@@ -259,8 +285,15 @@ def _remove_leftovers(out_dir: Path) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> dict[str, Any]:
+def download_dataset(
+    info: DatasetInfo, out_dir: Path, cfg: DownloadConfig, mirror: Path | None = None
+) -> dict[str, Any]:
     """Fetch ``info``'s raw files into ``out_dir`` and keep ``manifest.json`` current; resumable.
+
+    With ``mirror`` (a local folder the user names in the params), an item's image is read
+    from ``<mirror>/images/<asin>.jpg`` when that file exists; every other image URL, read from
+    the metadata, is fetched over http(s) only. (The caller points the base URLs of reviews,
+    metadata and image features at the mirror.)
 
     Reviews and metadata are required (``DownloadError`` names the URL and the last error, and a
     re-run requests them again); image features and images that fail are recorded, never fatal.
@@ -279,7 +312,7 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
         _Job(_join(cfg.reviews_url, info.reviews_file), info.reviews_file, required=True),
         _Job(_join(cfg.meta_url, info.meta_file), info.meta_file, required=True),
     ]
-    if cfg.image_features:
+    if cfg.image_features and info.publishes_image_features:
         features = info.image_features_file
         core.append(_Job(_join(cfg.image_features_url, features), features))
     counts: Counter[str] = Counter()
@@ -311,9 +344,9 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
                     f"could not download {job.url}: {entry['error']}; no image was fetched. "
                     "This failure is not remembered: running the download again requests it again"
                 )
-        jobs, no_url = _image_jobs(out_dir, info, cfg) if cfg.images else ([], 0)
-        allowed = [job for job in jobs if not refused_scheme(job.url)]
-        refused = [job for job in jobs if refused_scheme(job.url)]
+        jobs, no_url = _image_jobs(out_dir, info, cfg, mirror) if cfg.images else ([], 0)
+        allowed = [job for job in jobs if job.mirrored or not refused_scheme(job.url)]
+        refused = [job for job in jobs if not job.mirrored and refused_scheme(job.url)]
         for job in refused:
             manifest.plan(job)
             manifest.record(job, _entry(job, "refused", error=refused_scheme(job.url)))
@@ -349,4 +382,41 @@ def download_dataset(info: DatasetInfo, out_dir: Path, cfg: DownloadConfig) -> d
     summary = {k: counts[k] for k in ("ok", "skipped", "dead", "failed", "refused", "bytes")}
     summary.update(images=len(jobs), no_image_url=no_url)
     log.info("%s: %s", info.category, summary)
+    return summary
+
+
+def download_files(
+    files: Sequence[tuple[str, bool]], base: str, out_dir: Path, dataset: str, cfg: DownloadConfig
+) -> dict[str, Any]:
+    """Fetch ``files`` (relative names, each with whether it is required) from the base URL
+    ``base`` (http(s), or the ``file://`` URL of a local mirror) into ``out_dir``.
+
+    The same manifest, checks and resumption as ``download_dataset``: a present, recorded file
+    is kept; a required file that cannot be had raises ``DownloadError`` naming its URL; an
+    optional one is recorded and skipped. Returns the counts (ok, skipped, dead, failed, bytes).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
+    manifest = _Manifest(out_dir, dataset)
+    counts: Counter[str] = Counter()
+    stop = threading.Event()
+    try:
+        for rel, required in files:
+            job = _Job(_join(base, rel), rel, required=required)
+            manifest.plan(job)
+            entry, skipped = _obtain(job, manifest.old(job), out_dir, cfg, stop)
+            manifest.record(job, entry)
+            counts["skipped" if skipped else entry["status"]] += 1
+            if entry["status"] == "ok" and not skipped:
+                counts["bytes"] += entry["bytes"]
+            if required and entry["status"] != "ok":
+                raise DownloadError(
+                    f"could not download {job.url}: {entry['error']}. This failure is not "
+                    "remembered: running the download again requests it again"
+                )
+    finally:
+        manifest.save()
+    summary = {k: counts[k] for k in ("ok", "skipped", "dead", "failed", "bytes")}
+    log.info("%s: %s", dataset, summary)
     return summary

@@ -147,6 +147,10 @@ def _attempt(
         raise _Final(f"HTTP {exc.code} {exc.reason}", "failed") from exc
     except ValueError as exc:  # a malformed URL
         raise _Final(f"bad URL ({exc})", "failed") from exc
+    except urllib.error.URLError as exc:  # a local mirror (file://) lacks the file: like a 404
+        if not isinstance(exc.reason, FileNotFoundError):
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        raise _Final(f"no such file ({exc.reason})", "dead") from exc
     except (OSError, http.client.HTTPException) as exc:  # connection errors, timeouts
         raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
     if expected is not None and expected.isdigit() and size != int(expected):

@@ -20,12 +20,13 @@ import polars as pl
 import pyarrow as pa
 from tqdm import tqdm
 
-from pipeline.amazon import LineStats, iter_meta, iter_reviews
+from pipeline.amazon import LineStats
 from pipeline.atomic import write_json
 from pipeline.cnn_features import IMAGE_FEATURES_FILE, published_features_table
 from pipeline.datasets import IMAGES_DIR, DatasetInfo
 from pipeline.images import ImageStatus, load_images
 from pipeline.itemtext import item_text, item_title
+from pipeline.prepared import PREPARED_FEATURES_FILE, no_prepared_features
 from pipeline.schemas import INTERACTIONS, ITEMS, SPLITS, validate, write_table
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ def _warn_malformed(path: Path, stats: LineStats) -> None:
         )
 
 
-def read_reviews(path: Path) -> tuple[pl.DataFrame, LineStats, int]:
+def read_reviews(path: Path, info: DatasetInfo) -> tuple[pl.DataFrame, LineStats, int]:
     """Reviews as a frame (user, item, rating, timestamp, row), their line stats, invalid rows.
 
     A row whose rating or time is missing or not a finite number is dropped and counted.
@@ -91,7 +92,7 @@ def read_reviews(path: Path) -> tuple[pl.DataFrame, LineStats, int]:
     stats = LineStats()
     users, items, ratings, times = [], [], [], []
     invalid = 0
-    for rec in tqdm(iter_reviews(path, stats), desc="reviews", unit=" lines", disable=None):
+    for rec in tqdm(info.reviews(path, stats), desc="reviews", unit=" lines", disable=None):
         rating, ts = _number(rec.get("overall")), _number(rec.get("unixReviewTime"))
         if rating is None or ts is None:
             invalid += 1
@@ -168,13 +169,15 @@ def split_labels(user_ids: np.ndarray, seed: int) -> np.ndarray:
     return labels
 
 
-def read_item_meta(path: Path, asins: set[str]) -> tuple[dict[str, dict], LineStats]:
+def read_item_meta(
+    path: Path, asins: set[str], info: DatasetInfo
+) -> tuple[dict[str, dict], LineStats]:
     """Metadata of the wanted items (first line wins), streamed from the metadata file."""
     if not path.exists():
         raise FileNotFoundError(f"metadata file {path} does not exist (has download run?)")
     stats = LineStats()
     meta: dict[str, dict] = {}
-    for rec in tqdm(iter_meta(path, stats), desc="metadata", unit=" lines", disable=None):
+    for rec in tqdm(info.meta(path, stats), desc="metadata", unit=" lines", disable=None):
         asin = str(rec["asin"])
         if asin in asins and asin not in meta:
             meta[asin] = rec
@@ -221,12 +224,13 @@ def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessC
     """Filter, re-index and split ``raw_dir``'s files into ``out_dir``; return the stats.
 
     Writes interactions.parquet, items.parquet, image_features.parquet (Amazon's published CNN
-    vectors of the items that have one; no rows without the ``.b`` file) and stats.json, each
+    vectors of the items that have one; no rows without the ``.b`` file),
+    prepared_features.parquet (no rows: a raw source's features are extracted) and stats.json, each
     atomically and only after all of them have been built and validated, so a failure leaves
     earlier outputs untouched.
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    df, review_lines, invalid = read_reviews(raw_dir / info.reviews_file)
+    df, review_lines, invalid = read_reviews(raw_dir / info.reviews_file, info)
     df, duplicates = drop_duplicates(df)
     before = {"users": df["user"].n_unique(), "items": df["item"].n_unique(), "rows": df.height}
     df, rounds = kcore_filter(df, cfg.core)
@@ -246,7 +250,7 @@ def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessC
     )
     interactions = validate(interactions, INTERACTIONS, "interactions")
 
-    meta, meta_lines = read_item_meta(raw_dir / info.meta_file, set(asins))
+    meta, meta_lines = read_item_meta(raw_dir / info.meta_file, set(asins), info)
     items, item_counts = build_items(raw_dir, asins, meta, cfg)
     items = validate(items, ITEMS, "items")
     image_features, feature_counts = published_features_table(
@@ -284,6 +288,8 @@ def preprocess(raw_dir: Path, info: DatasetInfo, out_dir: Path, cfg: PreprocessC
     write_table(
         image_features, out_dir / IMAGE_FEATURES_FILE, image_features.schema, "image_features"
     )
+    prepared = no_prepared_features()
+    write_table(prepared, out_dir / PREPARED_FEATURES_FILE, prepared.schema, "prepared_features")
     write_json(out_dir / STATS_FILE, stats)
     log.info(
         "%s: %d users, %d items, %d interactions (density %.5f)",

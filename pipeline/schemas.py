@@ -13,7 +13,12 @@ from pipeline.atomic import atomic_path
 
 SPLITS = ("train", "valid", "test")
 # The stage that writes each contract's file: re-running it re-creates a damaged file.
-WRITTEN_BY = {"interactions": "preprocess", "items": "preprocess", "image_features": "preprocess"}
+WRITTEN_BY = {
+    "interactions": "preprocess",
+    "items": "preprocess",
+    "image_features": "preprocess",
+    "prepared_features": "preprocess",
+}
 # The feature-set name of ID-only runs: models/<dataset>/id/<model>/ (BPR, LightGCN).
 ID_ONLY = "id"
 # One training run's folder: models/<dataset>/<feature_set>/<model>/seed-<seed>/.
@@ -44,6 +49,17 @@ ITEMS = pa.schema(
         pa.field("image_path", pa.string(), nullable=True),
         pa.field("image_bytes", pa.binary(), nullable=False),
         pa.field("has_image", pa.bool_(), nullable=False),
+    ]
+)
+
+
+# A prepared source's own item features (MMRec's, LATTICE's .npy), one row per item, the
+# extract stage's cnn_st set; no rows for raw sources. Lists of any length: dims are metadata.
+PREPARED_FEATURES = pa.schema(
+    [
+        pa.field("item_id", pa.int32(), nullable=False),
+        pa.field("image", pa.list_(pa.float32()), nullable=False),
+        pa.field("text", pa.list_(pa.float32()), nullable=False),
     ]
 )
 

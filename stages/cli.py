@@ -72,7 +72,8 @@ def _user_errors() -> Iterator[None]:
 
 @app.command()
 def download(out: Out, params: Params = DEFAULT_PARAMS) -> None:
-    """Generate the demo shop, or fetch an Amazon 2014 category (reviews, metadata, images)."""
+    """Generate the demo shop, or fetch a dataset from its source (Amazon 2014/2023 reviews,
+    metadata, images; MMRec or LATTICE folders), from the web or a local mirror."""
     from stages import download as stage
 
     with _user_errors():
@@ -85,7 +86,8 @@ def preprocess(
     out: Out,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
-    """Parse, 5-core filter, re-index and split; build item texts; verify images."""
+    """Parse, 5-core filter, re-index and split; build item texts; verify images (prepared
+    sources: import their split and .npy features as they are)."""
     from stages import preprocess as stage
 
     with _user_errors():
@@ -133,13 +135,20 @@ def extract(
         Path | None,
         typer.Option(help="Preprocess's image_features.parquet (cnn_st: Amazon's CNN vectors)."),
     ] = None,
+    prepared: Annotated[
+        Path | None,
+        typer.Option(
+            help="Preprocess's prepared_features.parquet (cnn_st: a prepared source's .npy "
+            "features, used as given)."
+        ),
+    ] = None,
     params: Params = DEFAULT_PARAMS,
 ) -> None:
     """Encode every item's image and text: items.parquet + image.faiss + text.faiss."""
     from stages import extract as stage
 
     with _user_errors():
-        stage.run(load_params(params), feature_set, items, weights, out, published)
+        stage.run(load_params(params), feature_set, items, weights, out, published, prepared)
 
 
 @app.command()

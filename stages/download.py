@@ -1,4 +1,5 @@
-"""download stage: generate the demo shop, or fetch an Amazon 2014 category, into data/raw."""
+"""download stage: generate the demo shop, or fetch a dataset's files from its source, into
+data/raw."""
 
 from __future__ import annotations
 
@@ -6,23 +7,27 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import DATASETS, get_dataset
+from pipeline.datasets import dataset_spec
+from pipeline.download import DownloadConfig
+from pipeline.sources import get_source
 from stages.params import build, require
 
 log = logging.getLogger(__name__)
 
 
 def run(params: dict[str, Any], out: Path) -> dict:
-    """Write the dataset's raw files (reviews, metadata, images, manifest) to ``out``."""
-    info = get_dataset(require(params, "dataset", DATASETS))
-    if info.synthetic:
-        from pipeline.demo.shop import DemoConfig, generate_shop
+    """Write the dataset's raw files (reviews, metadata, images or a prepared folder's files,
+    and a manifest) to ``out``, from the source its ``datasets.<name>`` entry names."""
+    name = require(params, "dataset")
+    spec = dataset_spec(name, params.get("datasets"))
+    source = get_source(spec.source)
+    source.check(name, spec)
+    cfg = build(DownloadConfig, params.get("download"), "download")
+    demo = None
+    if spec.source == "demo":
+        from pipeline.demo.shop import DemoConfig
 
-        summary = generate_shop(build(DemoConfig, params.get("demo"), "demo"), out, info.category)
-    else:
-        from pipeline.download import DownloadConfig, download_dataset
-
-        cfg = build(DownloadConfig, params.get("download"), "download")
-        summary = download_dataset(info, out, cfg)
-    log.info("download %s -> %s: %s", info.name, out, summary)
+        demo = build(DemoConfig, params.get("demo"), "demo")
+    summary = source.download(name, spec, out, cfg, demo)
+    log.info("download %s (%s) -> %s: %s", name, spec.source, out, summary)
     return summary

@@ -13,6 +13,7 @@ from pipeline.distributed import world
 from pipeline.e2e import E2EConfig, build_end_to_end, train_end_to_end
 from pipeline.encoders import list_encoders, load_encoder, read_card
 from pipeline.interactions import load_interactions
+from pipeline.prepared import require_raw_items
 from pipeline.recommenders import get_recommender
 from pipeline.schemas import ITEMS, read_table
 from pipeline.seeding import seed_everything
@@ -62,6 +63,8 @@ def run(
     mapped from a folder next to ``checkpoint`` (else in the system's temporary folder) and
     removed at the end."""
     name = require(params, "encoder", list_encoders())
+    table = read_table(items, ITEMS, "items")
+    require_raw_items(items, table, f"e2e {model} with {name}")
     card = read_card(weights)
     if card["encoder"] != name:
         raise ParamsError(f"encoder = {name!r}, but {weights} holds {card['encoder']!r} weights")
@@ -77,7 +80,6 @@ def run(
             )
         state = torch.load(init, map_location="cpu", weights_only=True)
     data = load_interactions(interactions)
-    table = read_table(items, ITEMS, "items")
     encoder = load_encoder(weights)
     with world() as current, deterministic():
         seed_everything(train_cfg.seed)

@@ -11,6 +11,7 @@ from pipeline.distributed import world
 from pipeline.encoders import get_encoder, list_encoders
 from pipeline.encoders.pairtrain import PairTrainConfig
 from pipeline.finetune import finetune
+from pipeline.prepared import require_raw_items
 from pipeline.schemas import ITEMS, read_table
 from stages.params import ParamsError, build, require
 
@@ -34,9 +35,11 @@ def run(params: dict[str, Any], items: Path, weights: Path, out: Path, metrics: 
     name = require(params, "encoder", list_encoders())
     dataset = require(params, "dataset")
     cfg = build(PairTrainConfig, settings(params.get("finetune") or {}, name), "finetune")
+    table = read_table(items, ITEMS, "items")
+    require_raw_items(items, table, f"finetune {name}")
     encoder = get_encoder(name).load(weights)
     with world() as current:
-        result = finetune(encoder, read_table(items, ITEMS, "items"), cfg, dataset, current)
+        result = finetune(encoder, table, cfg, dataset, current)
     if not current.is_main:
         return result
     encoder.save(out)

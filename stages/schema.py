@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from pipeline.cnn_pretrain import CnnPretrainConfig
-from pipeline.datasets import DATASETS
+from pipeline.datasets import BUILTIN, DatasetSpec
 from pipeline.demo.corpus import CorpusConfig
 from pipeline.demo.shop import DemoConfig
 from pipeline.download import DownloadConfig
@@ -33,6 +33,7 @@ from pipeline.features import ExtractConfig
 from pipeline.preprocess import PreprocessConfig
 from pipeline.recommenders import get_recommender, list_recommenders
 from pipeline.significance import ReportConfig
+from pipeline.sources import get_source, list_sources
 from pipeline.training import TrainConfig
 from stages.params import DEFAULT_PARAMS, ParamsError, check_section, closest, construct
 from stages.train import training_seeds
@@ -50,7 +51,7 @@ E2E_OVERRIDES = ("train", "recommenders")  # e2e sub-sections that override shar
 class TopLevel:
     """The params file's keys that are not sections."""
 
-    dataset: str  # a dataset of pipeline.datasets
+    dataset: str  # a built-in dataset of pipeline.datasets, or one listed under `datasets`
     encoder: str  # the large multi-modal encoder under study
     seed: int  # the data split (and the training seed when `seeds` is absent)
     models: tuple[str, ...]  # recommenders that read item features, one run per feature set
@@ -130,15 +131,17 @@ def validate(data: Any, source: str = str(DEFAULT_PARAMS)) -> dict[str, Any]:
     top_names = list(TopLevel.__dataclass_fields__)
     encoder = data.get("encoder")
     specs = sections(encoder if isinstance(encoder, str) else None)
-    allowed = [*top_names, "recommenders", *specs]
+    allowed = [*top_names, "datasets", "recommenders", *specs]
     unknown = [key for key in data if key not in allowed]
     if unknown:
         listed = ", ".join(f"{k!r}{closest(k, allowed)}" for k in unknown)
         raise ParamsError(f"{source}: unknown top-level key(s) {listed}; allowed: {allowed}")
     top = {k: data[k] for k in top_names if k in data}
     values = check_section(TopLevel, top, "", source)
-    _check_top_level(construct(TopLevel, values, "", source), source)
     out = {**data, **_as_written(top, values)}
+    if "datasets" in data:
+        out["datasets"] = _datasets(data["datasets"], source)
+    _check_top_level(construct(TopLevel, values, "", source), out.get("datasets") or {}, source)
     for name in ("recommenders", *(n for n, spec in specs.items() if spec.required)):
         if name not in data:
             raise ParamsError(f"{source}: missing section {name!r}")
@@ -159,10 +162,31 @@ def validate(data: Any, source: str = str(DEFAULT_PARAMS)) -> dict[str, Any]:
     return out
 
 
-def _check_top_level(top: TopLevel, source: str) -> None:
-    """Dataset and encoder known; models registered, feature-reading in ``models`` and
-    ID-only in ``id_models``, none twice; training seeds distinct, e2e's among them."""
-    _choice(top.dataset, sorted(DATASETS), "dataset", source)
+def _datasets(mapping: Any, source: str) -> dict[str, dict[str, Any]]:
+    """``datasets``: name -> entry, each checked against DatasetSpec and its source's rules."""
+    if not isinstance(mapping, dict):
+        raise ParamsError(
+            f"{source}: datasets should be a mapping of dataset names, got {mapping!r}"
+        )
+    out = {}
+    for name, entry in mapping.items():
+        where = f"datasets.{name}"
+        values = check_section(DatasetSpec, entry, where, source)
+        spec = construct(DatasetSpec, values, where, source)
+        _choice(spec.source, list_sources(), f"{where}.source", source)
+        try:
+            get_source(spec.source).check(str(name), spec)
+        except ValueError as exc:
+            raise ParamsError(f"{source}: {exc}") from None
+        out[name] = _as_written(entry, values)
+    return out
+
+
+def _check_top_level(top: TopLevel, datasets: Mapping[str, Any], source: str) -> None:
+    """Dataset (built in or listed in ``datasets``) and encoder known; models registered,
+    feature-reading in ``models`` and ID-only in ``id_models``, none twice; training seeds
+    distinct, e2e's among them."""
+    _choice(top.dataset, sorted({*BUILTIN, *datasets}), "dataset", source)
     _choice(top.encoder, list_encoders(), "encoder", source)
     seeds = training_seeds({"seed": top.seed, "seeds": top.seeds})
     for key, listed in (("seeds", top.seeds), ("e2e_seeds", top.e2e_seeds)):
