@@ -90,9 +90,7 @@ def run(
     log.info("extract %s: %d items -> %s", feature_set, table.num_rows, out)
 
 
-def _store_prepared(
-    given: PreparedFeatures, path: Path, item_ids: np.ndarray, out: Path
-) -> None:
+def _store_prepared(given: PreparedFeatures, path: Path, item_ids: np.ndarray, out: Path) -> None:
     """The cnn_st set from a prepared source's features (as given: MMRec's models read them
     unnormalised); the metadata names the source and its files' hashes."""
     check_item_rows(given.item_ids, len(item_ids), str(path), remedy("prepared_features"))

@@ -39,9 +39,9 @@ def _label(k: int) -> int:
 
 def _features(seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.normal(size=(N_ITEMS, 32)).astype(np.float32), rng.normal(
-        size=(N_ITEMS, 12)
-    ).astype(np.float32)
+    return rng.normal(size=(N_ITEMS, 32)).astype(np.float32), rng.normal(size=(N_ITEMS, 12)).astype(
+        np.float32
+    )
 
 
 def write_mmrec(folder: Path, name: str = "tiny") -> list[tuple[int, int, int]]:
@@ -191,7 +191,9 @@ def test_mmrec_import_keeps_split_ids_and_features(tmp_path):
     stats = json.loads((run / "processed/stats.json").read_text())
     labels = Counter(x for _, _, x in rows)
     assert [stats[f"{s}_interactions"] for s in ("train", "valid", "test")] == [
-        labels[0], labels[1], labels[2]
+        labels[0],
+        labels[1],
+        labels[2],
     ]
     store = read_feature_store(run / "features/cnn_st", N_ITEMS)
     image, text = _features(1)

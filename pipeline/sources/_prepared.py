@@ -34,9 +34,7 @@ from pipeline.schemas import INTERACTIONS, ITEMS, SPLITS, write_table
 log = logging.getLogger(__name__)
 
 IMAGE_FEAT, TEXT_FEAT = "image_feat.npy", "text_feat.npy"
-NO_RAW_ITEMS = (
-    "ids, a split and .npy features only: no item images or texts (metadata) to encode"
-)
+NO_RAW_ITEMS = "ids, a split and .npy features only: no item images or texts (metadata) to encode"
 
 
 AsinReader = Callable[[Path], "dict[int, str] | None"]  # reads an ASIN mapping file

@@ -30,9 +30,7 @@ class Source:
         if self.needs_category and not spec.category:
             raise ValueError(f"{where}.category is empty: {self.name} needs the category name")
         if spec.url and spec.mirror:
-            raise ValueError(
-                f"{where}: give url (a server) or mirror (a local folder), not both"
-            )
+            raise ValueError(f"{where}: give url (a server) or mirror (a local folder), not both")
         if spec.url and not spec.url.lower().startswith(("http://", "https://")):
             raise ValueError(
                 f"{where}.url = {spec.url!r}: use an http(s) URL; a local folder goes in "

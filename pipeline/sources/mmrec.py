@@ -72,9 +72,7 @@ def read_item_mapping(path: Path) -> dict[int, str] | None:
         return None
     frame = pl.read_csv(path, separator="\t", infer_schema_length=10_000)
     if not {"asin", "itemID"} <= set(frame.columns):
-        raise ValueError(
-            f"{path}: header {frame.columns}; expected asin and itemID, tab-separated"
-        )
+        raise ValueError(f"{path}: header {frame.columns}; expected asin and itemID, tab-separated")
     asins = frame["asin"].cast(pl.String).to_list()
     return dict(zip(frame["itemID"].to_list(), asins, strict=True))
 
