@@ -219,10 +219,22 @@ def test_lattice_import_keeps_split_and_features(tmp_path):
     image, text = _features(2)
     order = np.argsort(store.item_ids)
     assert np.array_equal(store.image[order], image) and np.array_equal(store.text[order], text)
-    invoke("train", "--model", "lattice", "--feature-set", "cnn_st", "--interactions",
-           run / "processed/interactions.parquet", "--features", run / "features/cnn_st",
-           "--out", run / "models/lattice", "--params", tmp_path / "params.yaml")  # fmt: skip
-    assert json.loads((run / "models/lattice/metrics.json").read_text())["epochs"] == 1
+    _train_and_report(run, run / "processed", tmp_path / "params.yaml", "lattice")
+
+
+def _train_and_report(run: Path, proc: Path, params: Path, model: str) -> None:
+    """``model`` on the cnn_st set and BPR ID-only (one epoch each), then the report."""
+    models = run / "models"
+    for name, feature_set in ((model, "cnn_st"), ("bpr", "id")):
+        features = ["--features", run / "features/cnn_st"] if feature_set == "cnn_st" else []
+        out = models / feature_set / name / "seed-2022"
+        invoke("train", "--model", name, "--feature-set", feature_set, "--interactions",
+               proc / "interactions.parquet", *features, "--out", out, "--seed", 2022,
+               "--params", params)  # fmt: skip
+        assert json.loads((out / "metrics.json").read_text())["epochs"] == 1
+    invoke("report", "--interactions", proc / "interactions.parquet", "--models", models,
+           "--out", run / "report", "--params", params)  # fmt: skip
+    assert model in (run / "report/significance.md").read_text()
 
 
 def test_mmrec_from_url_trains_and_reports(tmp_path, served):
@@ -308,7 +320,8 @@ def test_mmrec_with_metadata_gets_item_texts_and_images(tmp_path):
 def test_amazon2023_from_url_end_to_end(tmp_path, served):
     """2023 files from an http base URL: items keyed by parent_asin, text from title, store,
     categories, features and description, the MAIN image fetched; then the baseline's
-    features are extracted from the items (as for raw data) and VBPR and BPR train."""
+    features are extracted from the items (as for raw data), VBPR and BPR train and the
+    report compares them."""
     www, base = served
     write_amazon2023(www / "raw", "Baby_Products", base + "/raw")
     entry = {"source": "amazon2023", "category": "Baby_Products", "url": f"{base}/raw"}
@@ -336,12 +349,7 @@ def test_amazon2023_from_url_end_to_end(tmp_path, served):
            "--prepared", proc / "prepared_features.parquet", "--out", run / "features/cnn_st",
            "--params", p)  # fmt: skip
     assert read_feature_store(run / "features/cnn_st", N_ITEMS).metadata["n_with_image"] == N_ITEMS
-    for model, feature_set in (("vbpr", "cnn_st"), ("bpr", "id")):
-        features = ["--features", run / "features/cnn_st"] if feature_set == "cnn_st" else []
-        invoke("train", "--model", model, "--feature-set", feature_set, "--interactions",
-               proc / "interactions.parquet", *features, "--out", run / "models" / model,
-               "--params", p)  # fmt: skip
-        assert json.loads((run / "models" / model / "metrics.json").read_text())["epochs"] == 1
+    _train_and_report(run, proc, p, "vbpr")
 
 
 def test_amazon2014_mirror_reads_the_folder_and_refuses_local_urls_from_data(tmp_path):
