@@ -12,6 +12,7 @@ from scmrepo.exceptions import SCMError
 from test_same_bytes import assert_same_bytes
 from torch import nn
 
+import pipeline.training as training
 from pipeline.baselines import evaluate_baseline
 from pipeline.evaluation import metric_names
 from pipeline.interactions import InteractionData
@@ -149,7 +150,8 @@ def files_under(folder) -> dict:
     }
 
 
-def test_a_failed_run_leaves_the_folder_as_it_was(data, tmp_path):
+def test_a_failed_run_leaves_the_folder_as_it_was(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)  # save at every evaluation
     cfg = TrainConfig(batch_size=256, max_epochs=3, topk=TOPK)
     out = tmp_path / "out"
     train(Constant.build(data, None, {}), data, cfg, out)
