@@ -143,8 +143,8 @@ def published_features_table(
     ``items``, ``found``, ``source`` and ``source_exists``, so the table is written (and a DVC
     out) whether or not the file exists.
     """
-    features_path = Path(features_path if features_path is not None else "none")
-    exists = features_path.is_file() and features_path.name != "none"
+    features_path = None if features_path is None else Path(features_path)
+    exists = features_path is not None and features_path.is_file()
     stats = ImageFeatureStats(0, 0, 0, 0)
     item_ids = np.empty(0, np.int32)
     vectors = np.empty((0, FEATURE_DIM), np.float32)
@@ -169,7 +169,7 @@ def published_features_table(
     metadata = {
         "items": str(len(item_asins)),
         "found": str(len(item_ids)),
-        "source": features_path.name,
+        "source": "none" if features_path is None else features_path.name,
         "source_exists": str(exists).lower(),
         "feature_dim": str(FEATURE_DIM),
     }

@@ -233,6 +233,13 @@ class _Manifest:
         write_json(self.path, {"dataset": self.dataset, "files": files})
 
 
+def _count(counts: Counter[str], entry: dict[str, Any], skipped: bool) -> None:
+    """Add one file's outcome to ``counts``: its status (or ``skipped``) and the bytes fetched."""
+    counts["skipped" if skipped else entry["status"]] += 1
+    if entry["status"] == "ok" and not skipped:
+        counts["bytes"] += entry["bytes"]
+
+
 def _image_jobs(
     out_dir: Path, info: DatasetInfo, cfg: DownloadConfig, mirror: Path | None
 ) -> tuple[list[_Job], int]:
@@ -329,9 +336,7 @@ def download_dataset(
         job = pending.pop(fut)
         entry, skipped = fut.result()
         manifest.record(job, entry)
-        counts["skipped" if skipped else entry["status"]] += 1
-        if entry["status"] == "ok" and not skipped:
-            counts["bytes"] += entry["bytes"]
+        _count(counts, entry, skipped)
         if len(manifest.current) % cfg.manifest_every == 0:
             manifest.save()
         return entry
@@ -407,9 +412,7 @@ def download_files(
             manifest.plan(job)
             entry, skipped = _obtain(job, manifest.old(job), out_dir, cfg, stop)
             manifest.record(job, entry)
-            counts["skipped" if skipped else entry["status"]] += 1
-            if entry["status"] == "ok" and not skipped:
-                counts["bytes"] += entry["bytes"]
+            _count(counts, entry, skipped)
             if required and entry["status"] != "ok":
                 raise DownloadError(
                     f"could not download {job.url}: {entry['error']}. This failure is not "
