@@ -315,7 +315,6 @@ def test_a_run_that_fails_to_save_its_encoder_leaves_the_earlier_run(tmp_path, m
     from test_training import files_under
 
     monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
-    monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)  # save at every evaluation
     data = clustered(30, N_ITEMS, 6, 3)
     one_epoch = replace(TRAIN, max_epochs=1)
 
