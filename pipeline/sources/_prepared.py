@@ -17,7 +17,7 @@ from pipeline.amazon import LineStats
 from pipeline.atomic import write_json
 from pipeline.cnn_features import IMAGE_FEATURES_FILE, published_features_table
 from pipeline.datasets import DatasetInfo, DatasetSpec
-from pipeline.download import DownloadConfig, download_dataset, download_files
+from pipeline.download import DownloadConfig, download_dataset, download_files, npy_error
 from pipeline.fetch import file_digest
 from pipeline.images import placeholder_jpeg
 from pipeline.prepared import PREPARED_FEATURES_FILE, prepared_table
@@ -104,13 +104,11 @@ def _dense(ids: np.ndarray) -> bool:
 
 def load_features(path: Path, original_ids: np.ndarray, dense: bool) -> np.ndarray:
     """The rows of ``path`` (a .npy, row i = item i) for ``original_ids``, checked: [N, D]."""
-    try:
-        array = np.load(require(path, "item features (row i = item i)"), allow_pickle=False)
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a readable .npy array without pickles ({exc})") from None
+    error = npy_error(require(path, "item features (row i = item i)"))
+    if error is not None:
+        raise ValueError(f"{path}: {error}; need [items, dim]")
+    array = np.load(path, allow_pickle=False)
     needed = int(original_ids.max()) + 1
-    if array.ndim != 2 or array.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: a {array.dtype} array of shape {array.shape}; need [items, dim]")
     if (dense and len(array) != needed) or len(array) < needed:
         raise ValueError(
             f"{path} has {len(array)} rows, but the interactions' item ids run 0..{needed - 1}: "
