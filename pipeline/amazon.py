@@ -40,22 +40,6 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield lineno, line
 
 
-def iter_reviews(path: str | Path, stats: LineStats | None = None) -> Iterator[dict]:
-    """Yield review dicts (one JSON object a line) that carry reviewerID and asin."""
-    stats = stats if stats is not None else LineStats()
-    for lineno, line in _lines(Path(path)):
-        stats.read += 1
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            stats.skip(lineno, f"not JSON ({exc.msg})")
-            continue
-        if not isinstance(rec, dict) or not rec.get("reviewerID") or not rec.get("asin"):
-            stats.skip(lineno, "no reviewerID/asin")
-            continue
-        yield rec
-
-
 def json_lines(path: str | Path, stats: LineStats) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each line of a JSON-lines file holding a JSON object."""
     for lineno, line in _lines(Path(path)):
@@ -69,6 +53,16 @@ def json_lines(path: str | Path, stats: LineStats) -> Iterator[tuple[int, dict]]
             stats.skip(lineno, "not a JSON object")
             continue
         yield lineno, rec
+
+
+def iter_reviews(path: str | Path, stats: LineStats | None = None) -> Iterator[dict]:
+    """Yield review dicts (one JSON object a line) that carry reviewerID and asin."""
+    stats = stats if stats is not None else LineStats()
+    for lineno, rec in json_lines(path, stats):
+        if not rec.get("reviewerID") or not rec.get("asin"):
+            stats.skip(lineno, "no reviewerID/asin")
+            continue
+        yield rec
 
 
 def iter_meta(path: str | Path, stats: LineStats | None = None) -> Iterator[dict]:
