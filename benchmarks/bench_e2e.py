@@ -30,18 +30,23 @@ import yaml
 from PIL import Image
 from timing import peak_rss_mib
 
-from pipeline.distributed import World
-from pipeline.e2e import EndToEnd, build_end_to_end, build_prefix_cache, prefix_bytes_per_item
+from pipeline.core.distributed import World
+from pipeline.data.interactions import InteractionData, load_interactions
+from pipeline.data.schemas import ITEMS, read_table, validate
 from pipeline.encoders import get_encoder, load_encoder
 from pipeline.encoders.base import WEIGHTS_CARD, Encoder
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.encoders.vlmo import VlmoEncoder
-from pipeline.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.sampling import epoch_batches
-from pipeline.schemas import ITEMS, read_table, validate
-from pipeline.training import _train_epoch
+from pipeline.training.e2e import (
+    EndToEnd,
+    build_end_to_end,
+    build_prefix_cache,
+    prefix_bytes_per_item,
+)
+from pipeline.training.sampling import epoch_batches
+from pipeline.training.trainer import _train_epoch
 from stages.e2e import settings
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@
     python benchmarks/bench_extract.py --rss-items 20000 \
         --encoder-weights models/weights/clip-pretrained
 
-Times ``pipeline.features.extract_features`` against a naive loop (one item at a time: decode,
+Times ``pipeline.features.store.extract_features`` against a naive loop (one item at a time: decode,
 transform, tokenize, forward; no batching, no workers) with the same model on the same items,
 counts the FLOPs of the forward passes, times a large float32 matmul for the machine's peak,
 and runs the real ``lmmrec extract`` in a child process for its peak RSS. Not a test: every
@@ -41,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.encoders import Encoder, load_encoder, read_card
 from pipeline.encoders.base import select_tokens
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.features import ExtractConfig, extract_features
+from pipeline.features.store import ExtractConfig, extract_features
 from stages.extract import feature_set_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,9 +76,9 @@ def demo_items(n: int | None, workdir: Path) -> tuple[pa.Table, str]:
     if DEMO_ITEMS.is_file():
         table, where = pq.read_table(DEMO_ITEMS), str(DEMO_ITEMS.relative_to(ROOT))
     else:
-        from pipeline.datasets import get_dataset
-        from pipeline.demo import DemoConfig, generate_shop
-        from pipeline.preprocess import PreprocessConfig, preprocess
+        from pipeline.data.datasets import get_dataset
+        from pipeline.data.demo import DemoConfig, generate_shop
+        from pipeline.data.preprocess import PreprocessConfig, preprocess
 
         n = n or GENERATED_ITEMS
         n_items = max(300, int(n * 1.2))  # 5-core filtering drops a few items

@@ -25,14 +25,14 @@ import yaml
 from synthetic import ELEC, IMAGE_DIM, TEXT_DIM, synthetic_features, synthetic_interactions
 from timing import chosen_models, median_seconds, peak_rss_mib
 
-from pipeline.distributed import World
-from pipeline.evaluation import evaluate
-from pipeline.interactions import InteractionData, load_interactions
+from pipeline.core.distributed import World
+from pipeline.core.seeding import seed_everything
+from pipeline.data.interactions import InteractionData, load_interactions
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.sampling import epoch_batches
-from pipeline.seeding import seed_everything
-from pipeline.training import TrainConfig, _train_epoch
+from pipeline.training.evaluation import evaluate
+from pipeline.training.sampling import epoch_batches
+from pipeline.training.trainer import TrainConfig, _train_epoch
 from stages.params import model_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def load_demo() -> tuple[InteractionData, ItemFeatures]:
     missing = [p for p in (DEMO_INTERACTIONS, DEMO_FEATURES / "items.parquet") if not p.exists()]
     if missing:
         sys.exit(f"missing {', '.join(map(str, missing))}: run `make repro` first")
-    from pipeline.features import read_feature_store
+    from pipeline.features.store import read_feature_store
 
     data = load_interactions(DEMO_INTERACTIONS)
     store = read_feature_store(DEMO_FEATURES)

@@ -45,7 +45,7 @@ def _load_data(folder: Path) -> tuple[Any, Any]:
     import torch
     from synthetic import SPLITS
 
-    from pipeline.interactions import InteractionData
+    from pipeline.data.interactions import InteractionData
     from pipeline.recommenders.base import ItemFeatures
 
     saved = np.load(folder / "interactions.npz")
@@ -106,7 +106,7 @@ class Worker:
         import torch
 
         from pipeline import training
-        from pipeline.sampling import epoch_batches
+        from pipeline.training.sampling import epoch_batches
 
         self.torch, self.training = torch, training
         self.data, self.features = _load_data(folder)
@@ -118,8 +118,8 @@ class Worker:
     def build(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Build ``name`` as train_recommender does, its optimiser as the trainer does, and
         take two untimed steps (the first pays for lazy allocations and per-epoch work)."""
+        from pipeline.core.seeding import seed_everything
         from pipeline.recommenders import get_recommender
-        from pipeline.seeding import seed_everything
 
         torch = self.torch
         torch.use_deterministic_algorithms(True, warn_only=True)  # as training.deterministic

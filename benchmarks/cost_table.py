@@ -59,8 +59,8 @@ def write_raw(size: Size, raw: Path, seed: int) -> dict[str, int]:
     """Raw Amazon-2014-format files of ``size`` in ``raw`` as preprocess reads them: the 5-core
     reviews (JSON lines with review text), metadata of the same items (Python-literal lines)
     and the published 4096-d image features (``.b``) of every item; no images."""
-    from pipeline.amazon import ASIN_BYTES
-    from pipeline.datasets import get_dataset
+    from pipeline.data.amazon import ASIN_BYTES
+    from pipeline.data.datasets import get_dataset
 
     info = get_dataset(size.name)
     users, items, _ = synthetic_arrays(size, seed)
@@ -108,9 +108,9 @@ def write_raw(size: Size, raw: Path, seed: int) -> dict[str, int]:
 
 
 def preprocess_worker(name: str, raw: Path, out: Path, seed: int) -> dict[str, Any]:
-    """Time ``pipeline.preprocess.preprocess`` on ``raw`` (core 5, as params.yaml)."""
-    from pipeline.datasets import get_dataset
-    from pipeline.preprocess import PreprocessConfig, preprocess
+    """Time ``pipeline.data.preprocess.preprocess`` on ``raw`` (core 5, as params.yaml)."""
+    from pipeline.data.datasets import get_dataset
+    from pipeline.data.preprocess import PreprocessConfig, preprocess
 
     core = int((_params().get("preprocess") or {}).get("core", 5))
     start = time.perf_counter()
@@ -133,9 +133,9 @@ def train_worker(name: str, model: str, seed: int, batch: int, steps: int, budge
     from bench_recommenders import build_model, probe
     from synthetic import synthetic_features, synthetic_interactions
 
-    from pipeline.distributed import World
+    from pipeline.core.distributed import World
     from pipeline.recommenders import get_recommender
-    from pipeline.training import TrainConfig, _train_epoch
+    from pipeline.training.trainer import TrainConfig, _train_epoch
 
     size = SIZES[name]
     data = synthetic_interactions(size, seed)
@@ -236,7 +236,7 @@ def e2e_items_per_epoch(size: Size, seed: int, batch: int) -> tuple[int, int]:
     epoch's batches of their unique positive and negative items, as ``EndToEnd.loss`` encodes."""
     from synthetic import synthetic_interactions
 
-    from pipeline.sampling import epoch_batches
+    from pipeline.training.sampling import epoch_batches
 
     data = synthetic_interactions(size, seed)
     steps = items = 0
@@ -442,11 +442,12 @@ def render(
             "",
             f"### Measured on this machine (CPU, {args.threads} thread(s))",
             "",
-            "Preprocess: `pipeline.preprocess.preprocess` (core 5) on synthetic raw Amazon-2014 "
-            "files: gzip JSON-lines reviews with review text, Python-literal metadata lines for "
-            "the same items only (a real `meta_<Cat>` file holds the whole category, several "
-            "times more lines), Amazon's 4096-d `.b` image features of every item; no images "
-            "(items without an image file are only counted, so image decoding is excluded). "
+            "Preprocess: `pipeline.data.preprocess.preprocess` (core 5) on synthetic raw "
+            "Amazon-2014 files: gzip JSON-lines reviews with review text, Python-literal "
+            "metadata lines for the same items only (a real `meta_<Cat>` file holds the whole "
+            "category, several times more lines), Amazon's 4096-d `.b` image features of "
+            "every item; no images (items without an image file are only counted, so image "
+            "decoding is excluded). "
             f"Recommenders: one training epoch at batch {args.batch_size} (the paper's), each "
             "model's `recommenders.<model>` settings from params.yaml, features as `cnn_st` "
             f"(random {IMAGE_DIM}-d image + {TEXT_DIM}-d text float32), and one full validation "

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.interactions import InteractionData
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders.base import ItemFeatures
 
 IMAGE_DIM, TEXT_DIM = 4096, 384  # the VGG image features of Amazon 2014 + a MiniLM text vector

@@ -298,7 +298,7 @@ def features_show(
     """Print a feature set's schema, metadata and a polars preview."""
     import polars as pl
 
-    from pipeline.features import ITEMS_FILE, read_feature_store
+    from pipeline.features.store import ITEMS_FILE, read_feature_store
 
     folder = root / dataset / feature_set
     with _user_errors():
@@ -331,7 +331,7 @@ def features_neighbours(
     """An item's title, then its nearest items by image and by text (FAISS), with titles."""
     import pyarrow.parquet as pq
 
-    from pipeline.features import ITEMS_FILE, MODALITIES, nearest_items
+    from pipeline.features.store import ITEMS_FILE, MODALITIES, nearest_items
 
     store = root / "features" / dataset
     folder = store / feature_set
@@ -383,8 +383,8 @@ def features_compare(
 
     import pyarrow.parquet as pq
 
-    from pipeline.alignment import alignment, separate_spaces
-    from pipeline.features import ITEMS_FILE, read_feature_store
+    from pipeline.features.alignment import alignment, separate_spaces
+    from pipeline.features.store import ITEMS_FILE, read_feature_store
 
     store = root / "features" / dataset
     rows = []

@@ -7,9 +7,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json
-from pipeline.crosscompare import cross_pairs, load_source, merge, setting_order, source_label
-from pipeline.report import (
+from pipeline.core.atomic import write_json
+from pipeline.report.compare import cross_pairs, load_source, merge, setting_order, source_label
+from pipeline.report.significance import ReportConfig, compare, headline
+from pipeline.report.tables import (
     cell_summary,
     comparisons_table,
     headline_text,
@@ -21,7 +22,6 @@ from pipeline.report import (
     spread_blocks,
     write_report,
 )
-from pipeline.significance import ReportConfig, compare, headline
 from stages.params import build
 
 log = logging.getLogger(__name__)

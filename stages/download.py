@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import dataset_spec
-from pipeline.download import DownloadConfig
-from pipeline.sources import get_source
+from pipeline.data.datasets import dataset_spec
+from pipeline.data.download import DownloadConfig
+from pipeline.data.sources import get_source
 from stages.params import build, require
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def run(params: dict[str, Any], out: Path) -> dict:
     cfg = build(DownloadConfig, params.get("download"), "download")
     demo = None
     if spec.source == "demo":
-        from pipeline.demo.shop import DemoConfig
+        from pipeline.data.demo.shop import DemoConfig
 
         demo = build(DemoConfig, params.get("demo"), "demo")
     summary = source.download(name, spec, out, cfg, demo)

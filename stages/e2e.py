@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from pipeline.distributed import world
-from pipeline.e2e import E2EConfig, build_end_to_end, train_end_to_end
+from pipeline.core.distributed import world
+from pipeline.core.seeding import seed_everything
+from pipeline.data.interactions import load_interactions
+from pipeline.data.prepared import require_raw_items
+from pipeline.data.schemas import ITEMS, read_table
 from pipeline.encoders import list_encoders, load_encoder, read_card
-from pipeline.interactions import load_interactions
-from pipeline.prepared import require_raw_items
 from pipeline.recommenders import get_recommender
-from pipeline.schemas import ITEMS, read_table
-from pipeline.seeding import seed_everything
-from pipeline.training import deterministic, resolve_device
+from pipeline.training.e2e import E2EConfig, build_end_to_end, train_end_to_end
+from pipeline.training.trainer import deterministic, resolve_device
 from stages.finetune import settings as encoder_settings
 from stages.params import ParamsError, build, model_settings, require
 from stages.train import train_config

@@ -14,18 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.cnn_features import published_image_features
-from pipeline.distributed import world
+from pipeline.core.distributed import world
+from pipeline.data.cnn_features import published_image_features
+from pipeline.data.prepared import PreparedFeatures, read_prepared, require_raw_items
+from pipeline.data.schemas import ITEMS, check_item_rows, read_table, remedy
 from pipeline.encoders import load_encoder, read_card
-from pipeline.features import (
+from pipeline.features.store import (
     ExtractConfig,
     extract_features,
     feature_metadata,
     finish,
     write_feature_store,
 )
-from pipeline.prepared import PreparedFeatures, read_prepared, require_raw_items
-from pipeline.schemas import ITEMS, check_item_rows, read_table, remedy
 from stages.params import ParamsError, build
 
 log = logging.getLogger(__name__)

@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json
-from pipeline.distributed import world
+from pipeline.core.atomic import write_json
+from pipeline.core.distributed import world
+from pipeline.data.prepared import require_raw_items
+from pipeline.data.schemas import ITEMS, read_table
 from pipeline.encoders import get_encoder, list_encoders
+from pipeline.encoders.finetune import finetune
 from pipeline.encoders.pairtrain import PairTrainConfig
-from pipeline.finetune import finetune
-from pipeline.prepared import require_raw_items
-from pipeline.schemas import ITEMS, read_table
 from stages.params import ParamsError, build, require
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.datasets import dataset_spec
-from pipeline.preprocess import PreprocessConfig
-from pipeline.sources import get_source
+from pipeline.data.datasets import dataset_spec
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.data.sources import get_source
 from stages.params import build, require
 
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Reads what the pipeline made: ``models/<dataset>/<feature_set>/<model>/seed-<see
 (the best validation epoch's weights of the run with that training seed),
 ``data/processed/<dataset>/`` (interactions, item titles) and, for models that read item
 features, ``features/<dataset>/<feature_set>/``. The ranking is the
-evaluator's (``pipeline.evaluation.recommend``): every item scored, the user's train items
+evaluator's (``pipeline.training.evaluation.recommend``): every item scored, the user's train items
 masked, ties broken by lower item id.
 """
 
@@ -20,13 +20,13 @@ import pyarrow.parquet as pq
 import torch
 import typer
 
-from pipeline.atomic import atomic_path
-from pipeline.evaluation import recommend
-from pipeline.interactions import InteractionData, load_interactions
+from pipeline.core.atomic import atomic_path
+from pipeline.data.interactions import InteractionData, load_interactions
+from pipeline.data.schemas import ID_ONLY, ITEMS, check_item_rows, read_table, remedy, seed_folder
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.schemas import ID_ONLY, ITEMS, check_item_rows, read_table, remedy, seed_folder
-from pipeline.training import MODEL_FILE, resolve_device
+from pipeline.training.evaluation import recommend
+from pipeline.training.trainer import MODEL_FILE, resolve_device
 from stages.params import ParamsError, model_settings, require
 from stages.train import train_config, training_seeds
 
@@ -69,7 +69,7 @@ def load_model(
         raise FileNotFoundError(f"{model_file} not found: train it first with `dvc repro {stage}`")
     features = None
     if model_cls.uses_features:
-        from pipeline.features import read_feature_store
+        from pipeline.features.store import read_feature_store
 
         store = read_feature_store(features_dir, data.n_items)
         features = ItemFeatures.from_arrays(store.item_ids, store.image, store.text, data.n_items)

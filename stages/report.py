@@ -8,13 +8,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import write_json
-from pipeline.baselines import BASELINES, evaluate_baseline
-from pipeline.interactions import load_interactions
-from pipeline.report import report_blocks, summary, write_report
-from pipeline.report_plots import BAR_CAPTION, bar_plot, curve_plot
-from pipeline.schemas import ID_ONLY
-from pipeline.significance import (
+from pipeline.core.atomic import write_json
+from pipeline.data.interactions import load_interactions
+from pipeline.data.schemas import ID_ONLY
+from pipeline.report.plots import BAR_CAPTION, bar_plot, curve_plot
+from pipeline.report.significance import (
     ReportConfig,
     cells,
     compare,
@@ -23,6 +21,8 @@ from pipeline.significance import (
     load_runs,
     paper_pairs,
 )
+from pipeline.report.tables import report_blocks, summary, write_report
+from pipeline.training.baselines import BASELINES, evaluate_baseline
 from stages.params import build, require
 
 log = logging.getLogger(__name__)

@@ -20,21 +20,21 @@ from typing import Any
 
 import yaml
 
-from pipeline.cnn_pretrain import CnnPretrainConfig
-from pipeline.datasets import BUILTIN, DatasetSpec
-from pipeline.demo.corpus import CorpusConfig
-from pipeline.demo.shop import DemoConfig
-from pipeline.download import DownloadConfig
-from pipeline.e2e import E2EConfig
+from pipeline.data.datasets import BUILTIN, DatasetSpec
+from pipeline.data.demo.corpus import CorpusConfig
+from pipeline.data.demo.shop import DemoConfig
+from pipeline.data.download import DownloadConfig
+from pipeline.data.preprocess import PreprocessConfig
+from pipeline.data.sources import get_source, list_sources
 from pipeline.encoders import list_encoders
+from pipeline.encoders.cnn_pretrain import CnnPretrainConfig
 from pipeline.encoders.pairtrain import PairTrainConfig
-from pipeline.evaluation import check_topk
-from pipeline.features import ExtractConfig
-from pipeline.preprocess import PreprocessConfig
+from pipeline.features.store import ExtractConfig
 from pipeline.recommenders import get_recommender, list_recommenders
-from pipeline.significance import ReportConfig
-from pipeline.sources import get_source, list_sources
-from pipeline.training import TrainConfig
+from pipeline.report.significance import ReportConfig
+from pipeline.training.e2e import E2EConfig
+from pipeline.training.evaluation import check_topk
+from pipeline.training.trainer import TrainConfig
 from stages.params import DEFAULT_PARAMS, ParamsError, check_section, closest, construct
 from stages.train import training_seeds
 from stages.weights import BASELINE, EncoderSpec
@@ -51,7 +51,7 @@ E2E_OVERRIDES = ("train", "recommenders")  # e2e sub-sections that override shar
 class TopLevel:
     """The params file's keys that are not sections."""
 
-    dataset: str  # a built-in dataset of pipeline.datasets, or one listed under `datasets`
+    dataset: str  # a built-in dataset of pipeline.data.datasets, or one listed under `datasets`
     encoder: str  # the large multi-modal encoder under study
     seed: int  # the data split (and the training seed when `seeds` is absent)
     models: tuple[str, ...]  # recommenders that read item features, one run per feature set

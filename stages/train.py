@@ -6,11 +6,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.interactions import load_interactions
+from pipeline.data.interactions import load_interactions
+from pipeline.data.schemas import ID_ONLY
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures
-from pipeline.schemas import ID_ONLY
-from pipeline.training import TrainConfig, train_recommender
+from pipeline.training.trainer import TrainConfig, train_recommender
 from stages.params import ParamsError, build, model_settings, require
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def run(
     if model_cls.uses_features:
         if feature_set == ID_ONLY or features is None:
             raise ParamsError(f"{model} reads item features: give --feature-set and --features")
-        from pipeline.features import read_feature_store
+        from pipeline.features.store import read_feature_store
 
         store = read_feature_store(features, data.n_items)
         item_features = ItemFeatures.from_arrays(

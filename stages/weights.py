@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.atomic import write_json
+from pipeline.core.atomic import write_json
 from pipeline.encoders import get_encoder, list_encoders
 from stages.params import ParamsError, build, require
 
@@ -43,7 +43,7 @@ def run(params: dict[str, Any], out: Path, encoder: str | None = None) -> dict:
     if spec.pretrained != DEMO_TAG:
         return family.pin(spec.arch, spec.pretrained, out)
 
-    from pipeline.demo.corpus import CorpusConfig, pretraining_corpus
+    from pipeline.data.demo.corpus import CorpusConfig, pretraining_corpus
 
     corpus = pretraining_corpus(
         build(CorpusConfig, params.get("pretrain_corpus"), "pretrain_corpus")
@@ -70,7 +70,7 @@ def run(params: dict[str, Any], out: Path, encoder: str | None = None) -> dict:
 
 def _pretrain_baseline(params: dict[str, Any], spec: EncoderSpec, corpus: Any, out: Path) -> dict:
     """The demo baseline: the CNN trained to classify the corpus's visible attributes."""
-    from pipeline.cnn_pretrain import CnnPretrainConfig, pretrain_cnn
+    from pipeline.encoders.cnn_pretrain import CnnPretrainConfig, pretrain_cnn
 
     cfg = build(CnnPretrainConfig, params.get("cnn_weights"), "cnn_weights")
     encoder, history = pretrain_cnn(spec.arch, corpus, cfg)

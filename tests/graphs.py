@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 from tables import interactions_table
 
-from pipeline.interactions import InteractionData
+from pipeline.data.interactions import InteractionData
 
 
 def _clustered_rows(

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pipeline.schemas import INTERACTIONS, ITEMS, validate
+from pipeline.data.schemas import INTERACTIONS, ITEMS, validate
 
 
 def imageless_items(ids: np.ndarray, title: str = "Title {}") -> pa.Table:

@@ -7,9 +7,9 @@ import pytest
 from tables import imageless_items
 from typer.testing import CliRunner
 
-from pipeline.alignment import alignment, separate_spaces
-from pipeline.features import write_feature_store
-from pipeline.schemas import ITEMS, write_table
+from pipeline.data.schemas import ITEMS, write_table
+from pipeline.features.alignment import alignment, separate_spaces
+from pipeline.features.store import write_feature_store
 from stages.cli import app
 
 ANGLES = np.array([0.0, 0.1, 0.3, 1.5, 3.0])  # items 10..14 as 2-d unit vectors

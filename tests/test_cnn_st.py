@@ -24,25 +24,25 @@ from PIL import Image
 from safetensors import safe_open
 from test_preprocess import CORE_ITEMS, INFO, _images, _meta, _reviews, _write_raw
 
-from pipeline.cnn_features import (
+from pipeline.data.cnn_features import (
     FEATURE_DIM,
     IMAGE_FEATURES_FILE,
     align_to_items,
     published_image_features,
     read_image_features,
 )
-from pipeline.cnn_pretrain import CnnPretrainConfig, augment, pretrain_cnn
-from pipeline.demo.attributes import ATTRIBUTES, IMAGE_ATTRIBUTES
-from pipeline.demo.corpus import CorpusConfig, pretraining_corpus
+from pipeline.data.demo.attributes import ATTRIBUTES, IMAGE_ATTRIBUTES
+from pipeline.data.demo.corpus import CorpusConfig, pretraining_corpus
+from pipeline.data.preprocess import PreprocessConfig, preprocess
 from pipeline.encoders import get_encoder, load_encoder
 from pipeline.encoders.base import STATE_FILE, WeightsError, read_card
+from pipeline.encoders.cnn_pretrain import CnnPretrainConfig, augment, pretrain_cnn
 from pipeline.encoders.cnn_st import (
     DEMO_ARCH,
     CnnStEncoder,
     split_arch,
     strip_classifier,
 )
-from pipeline.preprocess import PreprocessConfig, preprocess
 
 
 @pytest.fixture(autouse=True, scope="module")

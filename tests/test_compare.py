@@ -13,8 +13,8 @@ import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-from pipeline.crosscompare import cross_pairs, encoder_stage, load_source, merge, setting_order
-from pipeline.significance import Run
+from pipeline.report.compare import cross_pairs, encoder_stage, load_source, merge, setting_order
+from pipeline.report.significance import Run
 from stages.cli import app
 
 N_USERS = 400

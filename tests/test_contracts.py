@@ -9,9 +9,9 @@ import pytest
 import yaml
 from tables import imageless_items, interactions_table
 
-from pipeline.features import read_feature_store, write_feature_store
-from pipeline.interactions import InteractionData, load_interactions
-from pipeline.schemas import INTERACTIONS, ITEMS, ContractError, read_table, write_table
+from pipeline.data.interactions import InteractionData, load_interactions
+from pipeline.data.schemas import INTERACTIONS, ITEMS, ContractError, read_table, write_table
+from pipeline.features.store import read_feature_store, write_feature_store
 from stages import recommend, train
 
 ROOT = Path(__file__).parents[1]

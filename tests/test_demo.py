@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.amazon import LineStats, iter_meta, iter_reviews
-from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE
-from pipeline.demo.attributes import ATTRIBUTES, COLOUR_WORDS, PATTERN_WORDS, TYPE_WORDS
-from pipeline.demo.corpus import CorpusConfig, pretraining_corpus
-from pipeline.demo.shop import DemoConfig, build_world, generate_shop
+from pipeline.data.amazon import LineStats, iter_meta, iter_reviews
+from pipeline.data.datasets import IMAGES_DIR, MANIFEST_FILE
+from pipeline.data.demo.attributes import ATTRIBUTES, COLOUR_WORDS, PATTERN_WORDS, TYPE_WORDS
+from pipeline.data.demo.corpus import CorpusConfig, pretraining_corpus
+from pipeline.data.demo.shop import DemoConfig, build_world, generate_shop
 
 SMALL = DemoConfig(
     n_items=120,

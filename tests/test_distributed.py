@@ -15,10 +15,10 @@ import yaml
 from graphs import clustered_table
 from tables import make_items
 
-from pipeline.distributed import World, gather_rows
+from pipeline.core.distributed import World, gather_rows
 from pipeline.encoders import load_encoder
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.features import read_feature_store
+from pipeline.features.store import read_feature_store
 
 ROOT = Path(__file__).parents[1]
 

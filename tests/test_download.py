@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.cnn_features import RECORD
-from pipeline.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
-from pipeline.download import DownloadConfig, DownloadError, download_dataset
-from pipeline.fetch import file_digest
+from pipeline.core.fetch import file_digest
+from pipeline.data.cnn_features import RECORD
+from pipeline.data.datasets import IMAGES_DIR, MANIFEST_FILE, DatasetInfo
+from pipeline.data.download import DownloadConfig, DownloadError, download_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 INFO = DatasetInfo("tiny", "Tiny", synthetic=False)
@@ -265,7 +265,7 @@ def test_dead_core_file_is_requested_again(server, tmp_path, path, caplog):
     else:
         with pytest.raises(DownloadError, match="HTTP 404"):
             download_dataset(INFO, out, _cfg(server))
-    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
         download_dataset(INFO, out, _cfg(server))
     assert server.counts[path] == 2
     _assert_complete(server, out)
@@ -319,7 +319,7 @@ def test_unmanifested_bad_file_is_not_adopted(server, tmp_path, rel, url_path, b
     (out / rel).parent.mkdir(parents=True)
     (out / rel).write_bytes(bad(server))
     server.script.pop(url_path, None)
-    with caplog.at_level(logging.WARNING, logger="pipeline.download"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.download"):
         download_dataset(INFO, out, _cfg(server))
     assert server.counts[url_path] == 1
     assert "found on disk is unusable" in caplog.text
@@ -393,8 +393,8 @@ def _paths_in_manifest(out: Path) -> set[str]:
 _CHILD = """
 import sys
 from pathlib import Path
-from pipeline.datasets import DatasetInfo
-from pipeline.download import DownloadConfig, download_dataset
+from pipeline.data.datasets import DatasetInfo
+from pipeline.data.download import DownloadConfig, download_dataset
 base, out, every = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 cfg = DownloadConfig(base + "/files/", base + "/files/", base + "/features/", workers=1,
                      retries=2, backoff=0.001, timeout=20.0, manifest_every=every)
@@ -427,7 +427,7 @@ def test_resume_after_kill(server, tmp_path, manifest_every, caplog):
     assert manifest_every == 1 or not (out / MANIFEST_FILE).exists()
     (out / IMAGES_DIR / "Z9.jpg.part").write_bytes(b"left by a killed run")
     (out / f".{MANIFEST_FILE}.tmp-0badf00d").write_text("{")
-    with caplog.at_level(logging.INFO, logger="pipeline.download"):
+    with caplog.at_level(logging.INFO, logger="pipeline.data.download"):
         download_dataset(INFO, out, _cfg(server))
     _assert_complete(server, out)
     adopted = "adopting" in caplog.text  # files unknown to the manifest are hashed and kept

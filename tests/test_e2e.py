@@ -14,21 +14,21 @@ import torch
 from graphs import clustered
 from tables import make_items
 
-import pipeline.training as training
-from pipeline.distributed import World
-from pipeline.e2e import (
+import pipeline.training.trainer as training
+from pipeline.core.distributed import World
+from pipeline.encoders import load_encoder
+from pipeline.encoders._multiway import VlmoModel
+from pipeline.encoders.clip import ClipEncoder
+from pipeline.encoders.vlmo import DEMO_ARCH, VlmoEncoder, arch_config
+from pipeline.features.store import ExtractConfig, extract_features
+from pipeline.training.e2e import (
     ENCODER_DIR,
     E2EConfig,
     build_end_to_end,
     build_prefix_cache,
     train_end_to_end,
 )
-from pipeline.encoders import load_encoder
-from pipeline.encoders._multiway import VlmoModel
-from pipeline.encoders.clip import ClipEncoder
-from pipeline.encoders.vlmo import DEMO_ARCH, VlmoEncoder, arch_config
-from pipeline.features import ExtractConfig, extract_features
-from pipeline.training import TrainConfig
+from pipeline.training.trainer import TrainConfig
 
 MODELS = ["vbpr", "mmgcn", "mmgcl", "slmrec", "lattice"]
 CONFIGS = {"lattice": {"train_features": False}}

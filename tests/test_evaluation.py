@@ -7,8 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline.baselines import evaluate_baseline, most_popular_scorer, random_scorer
-from pipeline.evaluation import (
+from pipeline.data.interactions import InteractionData
+from pipeline.training.baselines import evaluate_baseline, most_popular_scorer, random_scorer
+from pipeline.training.evaluation import (
     EvalResult,
     check_topk,
     evaluate,
@@ -17,7 +18,6 @@ from pipeline.evaluation import (
     recommend,
     top_k,
 )
-from pipeline.interactions import InteractionData
 
 L3 = 1 / math.log2(3)  # discount at rank 2
 L4 = 1 / math.log2(4)  # discount at rank 3

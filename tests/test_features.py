@@ -10,8 +10,9 @@ import pytest
 import torch
 from tables import make_items
 
+from pipeline.data.schemas import ContractError
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.features import (
+from pipeline.features.store import (
     ExtractConfig,
     extract_features,
     feature_metadata,
@@ -19,7 +20,6 @@ from pipeline.features import (
     read_feature_store,
     write_feature_store,
 )
-from pipeline.schemas import ContractError
 
 MICRO_ARCH = "lmmrec-test-extract"
 MICRO_CFG = {

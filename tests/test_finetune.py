@@ -9,10 +9,10 @@ import pytest
 import torch
 from test_encoders import MICRO_CFG, coloured_squares
 
+from pipeline.data.schemas import ITEMS, validate
 from pipeline.encoders.clip import ClipEncoder
+from pipeline.encoders.finetune import finetune, item_pairs
 from pipeline.encoders.pairtrain import PairTrainConfig
-from pipeline.finetune import finetune, item_pairs
-from pipeline.schemas import ITEMS, validate
 
 ARCH = "lmmrec-test-finetune"
 

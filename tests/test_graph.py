@@ -1,8 +1,8 @@
 import numpy as np
 import torch
 
-from pipeline.graph import knn_graph, knn_neighbours, normalized_adjacency
-from pipeline.interactions import InteractionData
+from pipeline.data.interactions import InteractionData
+from pipeline.recommenders.graph import knn_graph, knn_neighbours, normalized_adjacency
 
 
 def test_normalized_adjacency_matches_dense_formula():

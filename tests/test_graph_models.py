@@ -8,12 +8,12 @@ import torch
 import torch.nn.functional as F
 from graphs import clustered as make_clustered
 
-from pipeline.interactions import InteractionData
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import ItemFeatures, get_recommender
 from pipeline.recommenders.bpr import BPR
 from pipeline.recommenders.lightgcn import LightGCN
 from pipeline.recommenders.mmgcn import MMGCN, mean_adjacency
-from pipeline.sampling import epoch_batches
+from pipeline.training.sampling import epoch_batches
 
 N_GROUPS = 3
 

@@ -10,7 +10,7 @@ from graphs import clustered as make_clustered
 
 from pipeline.recommenders import ItemFeatures, get_recommender
 from pipeline.recommenders.lattice import LATTICE, edge_spmm, knn_edges
-from pipeline.sampling import epoch_batches
+from pipeline.training.sampling import epoch_batches
 
 N_GROUPS = 3
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.optimizer import FusedAdam
+from pipeline.training.optimizer import FusedAdam
 
 ROOT = Path(__file__).parents[1]
 
@@ -80,8 +80,8 @@ def test_a_training_run_imports_no_compiler(tmp_path):
     # (~1.1 s), paid by each of the demo's ~40 train/e2e processes for nothing
     code = (
         "import sys\n"
-        "from pipeline.interactions import InteractionData\n"
-        "from pipeline.training import TrainConfig, train_recommender\n"
+        "from pipeline.data.interactions import InteractionData\n"
+        "from pipeline.training.trainer import TrainConfig, train_recommender\n"
         "users = [u for u in range(20) for _ in range(5)]\n"
         "items = [(u * 3 + k) % 30 for u in range(20) for k in range(5)]\n"
         "splits = ['train', 'train', 'train', 'valid', 'test'] * 20\n"

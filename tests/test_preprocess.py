@@ -14,12 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.cnn_features import IMAGE_FEATURES_FILE, published_image_features
-from pipeline.datasets import DatasetInfo
-from pipeline.images import ImageStatus, load_image, placeholder_jpeg
-from pipeline.itemtext import item_text
-from pipeline.preprocess import PreprocessConfig, kcore_filter, preprocess, split_labels
-from pipeline.schemas import INTERACTIONS, ITEMS, read_table
+from pipeline.data.cnn_features import IMAGE_FEATURES_FILE, published_image_features
+from pipeline.data.datasets import DatasetInfo
+from pipeline.data.images import ImageStatus, load_image, placeholder_jpeg
+from pipeline.data.itemtext import item_text
+from pipeline.data.preprocess import PreprocessConfig, kcore_filter, preprocess, split_labels
+from pipeline.data.schemas import INTERACTIONS, ITEMS, read_table
 
 INFO = DatasetInfo("tiny", "Tiny", synthetic=True)
 CORE_ITEMS = [f"I{i:02d}" for i in range(20)]

@@ -8,10 +8,10 @@ import pytest
 import yaml
 from tables import imageless_items, interactions_table
 
-from pipeline.evaluation import metrics_from_hits, recommend
-from pipeline.features import write_feature_store
-from pipeline.interactions import load_interactions
-from pipeline.schemas import INTERACTIONS, ITEMS, seed_folder, write_table
+from pipeline.data.interactions import load_interactions
+from pipeline.data.schemas import INTERACTIONS, ITEMS, seed_folder, write_table
+from pipeline.features.store import write_feature_store
+from pipeline.training.evaluation import metrics_from_hits, recommend
 from stages import recommend as stage
 from stages import train
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from graphs import clustered as make_clustered
 
-from pipeline.interactions import InteractionData, load_interactions
-from pipeline.losses import bpr_loss, l2_reg
+from pipeline.data.interactions import InteractionData, load_interactions
+from pipeline.data.schemas import INTERACTIONS, write_table
 from pipeline.recommenders import (
     ItemFeatures,
     Recommender,
@@ -19,9 +19,9 @@ from pipeline.recommenders import (
     list_recommenders,
     register_recommender,
 )
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 from pipeline.recommenders.vbpr import VBPR, VBPRConfig
-from pipeline.sampling import epoch_batches, sample_negatives
-from pipeline.schemas import INTERACTIONS, write_table
+from pipeline.training.sampling import epoch_batches, sample_negatives
 
 clustered = partial(make_clustered, n_users=60, n_items=48, per_user=8, n_groups=4)
 

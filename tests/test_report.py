@@ -11,17 +11,8 @@ import pytest
 from scipy import stats
 from tables import interactions_table
 
-from pipeline.report import (
-    report_blocks,
-    seed_note,
-    settings_table,
-    spread_table,
-    summary,
-    to_html,
-    to_markdown,
-)
-from pipeline.report_plots import bar_plot
-from pipeline.significance import (
+from pipeline.report.plots import bar_plot
+from pipeline.report.significance import (
     Cell,
     ReportConfig,
     Run,
@@ -31,6 +22,15 @@ from pipeline.significance import (
     headline,
     holm,
     paper_pairs,
+)
+from pipeline.report.tables import (
+    report_blocks,
+    seed_note,
+    settings_table,
+    spread_table,
+    summary,
+    to_html,
+    to_markdown,
 )
 from stages import report
 

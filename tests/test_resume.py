@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-import pipeline.training as training
-from pipeline.interactions import InteractionData
+import pipeline.training.trainer as training
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import ItemFeatures, Recommender, list_recommenders
-from pipeline.training import TrainConfig, train, train_recommender
+from pipeline.training.trainer import TrainConfig, train, train_recommender
 
 CFG = TrainConfig(
     lr=0.02,

@@ -8,8 +8,8 @@ import torch
 import yaml
 from tables import interactions_table
 
-from pipeline.schemas import INTERACTIONS, seed_folder, write_table
-from pipeline.training import MODEL_FILE
+from pipeline.data.schemas import INTERACTIONS, seed_folder, write_table
+from pipeline.training.trainer import MODEL_FILE
 from stages import train
 
 ROOT = Path(__file__).parents[1]

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 from scipy import stats
 
-from pipeline.significance import (
+from pipeline.report.significance import (
     Cell,
     ReportConfig,
     Run,

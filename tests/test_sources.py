@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.features import read_feature_store
+from pipeline.features.store import read_feature_store
 from stages.cli import app
 from stages.params import ParamsError
 from stages.schema import validate

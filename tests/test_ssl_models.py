@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from graphs import clustered as make_clustered
 
-from pipeline.graph import propagate, to_csr
-from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import ItemFeatures, get_recommender
+from pipeline.recommenders.graph import propagate, to_csr
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 from pipeline.recommenders.mmgcl import MMGCL, info_nce
 from pipeline.recommenders.slmrec import SLMRec
-from pipeline.sampling import epoch_batches
+from pipeline.training.sampling import epoch_batches
 
 N_GROUPS = 4
 

@@ -12,12 +12,12 @@ from scmrepo.exceptions import SCMError
 from test_same_bytes import assert_same_bytes
 from torch import nn
 
-import pipeline.training as training
-from pipeline.baselines import evaluate_baseline
-from pipeline.evaluation import metric_names
-from pipeline.interactions import InteractionData
+import pipeline.training.trainer as training
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import ItemFeatures, Recommender, get_recommender
-from pipeline.training import NonFiniteLossError, TrainConfig, train, train_recommender
+from pipeline.training.baselines import evaluate_baseline
+from pipeline.training.evaluation import metric_names
+from pipeline.training.trainer import NonFiniteLossError, TrainConfig, train, train_recommender
 
 TOPK = (5, 10, 20)
 FAST = TrainConfig(lr=0.02, batch_size=64, max_epochs=6, patience=2, topk=TOPK, device="cpu")
@@ -180,7 +180,7 @@ def test_a_run_replaces_the_folder_as_a_whole(data, tmp_path, monkeypatch):
     def refuse(**kwargs):
         raise SCMError("Empty git repo")
 
-    monkeypatch.setattr("pipeline.training.Live", refuse)
+    monkeypatch.setattr("pipeline.training.trainer.Live", refuse)
     train(Constant.build(data, None, {}), data, cfg, first)
     kept = sorted(p.name for p in first.iterdir())
     assert kept == [".gitignore", "metrics.json", "model.pt", "per_user.parquet"]
@@ -204,7 +204,7 @@ def test_training_goes_on_when_dvclive_cannot_start(data, tmp_path, monkeypatch,
     def refuse(**kwargs):
         raise SCMError("Empty git repo")
 
-    monkeypatch.setattr("pipeline.training.Live", refuse)
+    monkeypatch.setattr("pipeline.training.trainer.Live", refuse)
     cfg = TrainConfig(batch_size=256, max_epochs=2, topk=TOPK)
     metrics = train(Constant.build(data, None, {}), data, cfg, tmp_path)
     assert metrics["epochs"] == 2 and (tmp_path / "metrics.json").exists()

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.registry import Registry
 from pipeline.encoders.base import Encoder, read_card
-from pipeline.registry import Registry
 
 ENCODERS: Registry[type[Encoder]] = Registry("encoder", Encoder, __name__)
 register_encoder = ENCODERS.register

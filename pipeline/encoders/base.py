@@ -23,7 +23,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.atomic import atomic_path
+from pipeline.core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """CLIP through open_clip_torch: image = projected [CLS], text = projected end-of-text token.
 
 Architectures are open_clip model configs: its built-ins (the paper's ``ViT-B-16``) plus ours in
-``model_configs/`` (``lmmrec-clip-tiny``: 64x64 images, patch 16, 4+4 layers of width 128,
+``clip_configs/`` (``lmmrec-clip-tiny``: 64x64 images, patch 16, 4+4 layers of width 128,
 128-d embeddings, 32 tokens, open_clip's own BPE tokenizer), registered with
 ``open_clip.add_model_config`` on import. Weights are a separate axis: the demo's come from
 training ``from_arch`` with ``pipeline.encoders.pairtrain``; real ones are pinned once from
@@ -32,7 +32,7 @@ from pipeline.encoders.base import Encoder, Prefix, Tokens, read_weights, write_
 
 log = logging.getLogger(__name__)
 
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+MODEL_CONFIG_DIR = Path(__file__).parent / "clip_configs"
 DEMO_ARCH = "lmmrec-clip-tiny"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP caps the ITC inverse temperature at 100
 

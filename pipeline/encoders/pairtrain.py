@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.distributed import World, sum_gradients
+from pipeline.core.distributed import World, sum_gradients
+from pipeline.core.seeding import seed_everything
 from pipeline.encoders.base import (
     Encoder,
     Tokens,
@@ -33,7 +34,6 @@ from pipeline.encoders.base import (
     select_tokens,
     to_device,
 )
-from pipeline.seeding import seed_everything
 
 log = logging.getLogger(__name__)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
+from pipeline.core.fetch import fetch, file_digest
 from pipeline.encoders import register_encoder
 from pipeline.encoders._multiway import IMAGE, TEXT, VlmoArch, VlmoModel, relative_position_indices
 from pipeline.encoders.base import (
@@ -42,7 +43,6 @@ from pipeline.encoders.base import (
     read_weights,
     write_weights,
 )
-from pipeline.fetch import fetch, file_digest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

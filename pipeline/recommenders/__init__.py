@@ -6,8 +6,8 @@ Adding a model is adding one file here whose class is decorated with
 
 from __future__ import annotations
 
+from pipeline.core.registry import Registry
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.registry import Registry
 
 __all__ = [
     "ItemFeatures",

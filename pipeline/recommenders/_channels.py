@@ -9,9 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import bipartite_blocks, normalized_adjacency, propagate_bipartite, to_csr
-from pipeline.interactions import InteractionData
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+from pipeline.recommenders.graph import (
+    bipartite_blocks,
+    normalized_adjacency,
+    propagate_bipartite,
+    to_csr,
+)
 
 MODALITIES = ("image", "text")
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.interactions import InteractionData
+from pipeline.data.interactions import InteractionData
 
 C = TypeVar("C")
 

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.interactions import InteractionData
-from pipeline.losses import bpr_loss, l2_reg
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, ItemFeatures, Recommender
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 
 
 @dataclass(frozen=True)

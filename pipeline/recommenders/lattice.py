@@ -40,7 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import (
+from pipeline.data.interactions import InteractionData
+from pipeline.recommenders import register_recommender
+from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+from pipeline.recommenders.graph import (
     compact_csr,
     constant_spmm,
     knn_neighbours,
@@ -49,10 +52,7 @@ from pipeline.graph import (
     sym_normalize,
     to_csr,
 )
-from pipeline.interactions import InteractionData
-from pipeline.losses import bpr_loss, l2_reg
-from pipeline.recommenders import register_recommender
-from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 
 MODALITIES = ("image", "text")  # MMRec's order of the modality weights
 EDGE_CHUNK = 1 << 18  # edges whose gradients are computed at once (bounds the memory)

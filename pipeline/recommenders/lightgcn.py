@@ -9,7 +9,7 @@ embeddings. MMRec grid-searches n_layers {1, 2, 3, 4} and reg_weight {1e-2, ...,
 Departs from MMRec only in caching the propagated embeddings while in eval mode (MMRec
 re-propagates for every batch of evaluated users) and in multiplying by a CSR graph whose
 backward is one more product with the same (symmetric) graph, not a COO transpose per step.
-The propagation is one autograd node (``pipeline.graph.smooth``) that writes its sparse
+The propagation is one autograd node (``pipeline.recommenders.graph.smooth``) that writes its sparse
 products into buffers reused from step to step, with the float operations of the
 layer-by-layer graph.
 """
@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.graph import compact_csr, normalized_adjacency, smooth
-from pipeline.interactions import InteractionData
-from pipeline.losses import bpr_loss, l2_reg
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+from pipeline.recommenders.graph import compact_csr, normalized_adjacency, smooth
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 
 
 @dataclass(frozen=True)

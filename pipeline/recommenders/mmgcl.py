@@ -39,12 +39,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.graph import sym_normalize, to_csr
-from pipeline.interactions import InteractionData
-from pipeline.losses import bpr_loss, l2_reg
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders._channels import ChannelConfig, ChannelRecommender
 from pipeline.recommenders.base import ItemFeatures
+from pipeline.recommenders.graph import sym_normalize, to_csr
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 
 
 def info_nce(

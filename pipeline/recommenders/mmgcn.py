@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.graph import constant_spmm, rows_spmm, to_csr
-from pipeline.interactions import InteractionData
-from pipeline.losses import bpr_loss
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
+from pipeline.recommenders.graph import constant_spmm, rows_spmm, to_csr
+from pipeline.recommenders.losses import bpr_loss
 
 
 @dataclass(frozen=True)

@@ -39,12 +39,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.graph import propagate
-from pipeline.interactions import InteractionData
-from pipeline.losses import bpr_loss, l2_reg
+from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders._channels import ChannelConfig, ChannelRecommender
 from pipeline.recommenders.base import ItemFeatures
+from pipeline.recommenders.graph import propagate
+from pipeline.recommenders.losses import bpr_loss, l2_reg
 from pipeline.recommenders.mmgcl import info_nce
 
 SSL_TASKS = ("fac", "fd", "fm", "fd+fm")

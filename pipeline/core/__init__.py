@@ -1,0 +1,1 @@
+"""Shared by every phase, importing no other package: atomic writes, registries, seeds, devices."""

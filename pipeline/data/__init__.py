@@ -1,0 +1,1 @@
+"""Datasets from source to contract: sources, download, preprocessing, the demo, Parquet schemas."""

@@ -1,0 +1,115 @@
+"""The demo's stand-in for web-scale pretraining data: synthetic image–caption pairs.
+
+Different items from the shop, drawn from the broader vocabulary (every shop value plus more
+colours, patterns, shapes, types, brands and materials), rendered by the shop's own code so the
+domains match. Captions read like alt text: they describe what is visible and sometimes name a
+brand or material. Per-pair integer labels support supervised CNN pretraining.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline.data.demo.attributes import (
+    ATTRIBUTES,
+    COLOUR_WORDS,
+    PATTERN_WORDS,
+    SHAPE_WORDS,
+    TYPE_WORDS,
+)
+from pipeline.data.demo.render import Look, render_item
+
+log = logging.getLogger(__name__)
+
+CAPTIONS = (
+    "a {colour} {pattern_adj} {type}",
+    "{colour} {type} with {pattern_noun}",
+    "photo of a {shape} {colour} {type}",
+    "a {shape} {pattern_adj} {type} in {colour}",
+    "product shot: {shape} {type}, {colour}, {pattern_noun}",
+    "{colour} {type}",
+    "close-up of a {pattern_adj} {colour} {type}",
+    "{type} ({colour}, {pattern_adj}, {shape})",
+    "image of a {colour} {type} with {pattern_noun}, {shape} design",
+    "{shape} {colour} {type} on a light background",
+)
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Size and wording of the pretraining corpus."""
+
+    seed: int = 1234
+    n_pairs: int = 8000
+    image_size: int = 64  # pixels, square
+    brand_rate: float = 0.3  # fraction of captions that name the brand
+    material_rate: float = 0.3  # fraction of captions that name the material
+
+    def __post_init__(self) -> None:
+        if self.n_pairs < 1 or self.image_size < 1:
+            raise ValueError(
+                f"n_pairs = {self.n_pairs} and image_size = {self.image_size} must be >= 1"
+            )
+        for name in ("brand_rate", "material_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} = {getattr(self, name)} must be in [0, 1]")
+
+
+@dataclass
+class Corpus:
+    """Image–caption pairs with the latent attribute labels of each pair."""
+
+    images: list[Image.Image]  # RGB, image_size x image_size
+    captions: list[str]
+    attributes: dict[str, np.ndarray]  # name -> (n_pairs,) index into ATTRIBUTES[name].values
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+
+def _pick(rng: np.random.Generator, options: tuple[str, ...]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def caption(rng: np.random.Generator, values: dict[str, str], cfg: CorpusConfig) -> str:
+    """An alt-text style caption of one item, in one of several templates."""
+    adjs, nouns = PATTERN_WORDS[values["pattern"]]
+    colours = COLOUR_WORDS[values["colour"]]
+    noun = _pick(rng, TYPE_WORDS[values["product_type"]].synonyms)
+    if rng.random() < cfg.material_rate:
+        material = values["material"]
+        noun = f"{material} {noun}" if rng.random() < 0.5 else f"{noun} made of {material}"
+    text = _pick(rng, CAPTIONS).format(
+        colour=colours[0] if rng.random() < 0.75 else _pick(rng, colours),
+        pattern_adj=_pick(rng, adjs),
+        pattern_noun=_pick(rng, nouns),
+        shape=_pick(rng, SHAPE_WORDS[values["shape"]]),
+        type=noun,
+    )
+    if rng.random() < cfg.brand_rate:
+        text = f"{values['brand']} {text}" if rng.random() < 0.5 else f"{text} by {values['brand']}"
+    text = re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
+    return text[0].upper() + text[1:] if rng.random() < 0.3 else text
+
+
+def pretraining_corpus(cfg: CorpusConfig) -> Corpus:
+    """Generate ``cfg.n_pairs`` image–caption pairs over the broad vocabulary, deterministically."""
+    labels = {name: np.empty(cfg.n_pairs, np.int64) for name in ATTRIBUTES}
+    images, captions = [], []
+    for i in tqdm(range(cfg.n_pairs), desc="pretraining corpus", disable=None):
+        rng = np.random.default_rng([cfg.seed, i])
+        values = {}
+        for name, attr in ATTRIBUTES.items():
+            labels[name][i] = rng.integers(len(attr.values))
+            values[name] = attr.values[labels[name][i]]
+        look = Look(values["colour"], values["pattern"], values["shape"], values["product_type"])
+        images.append(render_item(look, cfg.image_size, rng))
+        captions.append(caption(rng, values, cfg))
+    log.info("pretraining corpus: %d pairs at %dpx", cfg.n_pairs, cfg.image_size)
+    return Corpus(images=images, captions=captions, attributes=labels)

@@ -1,0 +1,1 @@
+"""Item features: extraction by an encoder, the Parquet + FAISS store, feature-set names."""

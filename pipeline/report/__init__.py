@@ -1,0 +1,1 @@
+"""Reporting trained runs: significance across users and seeds, tables, plots, comparisons."""

@@ -1,0 +1,1 @@
+"""Training recommenders: the trainer, sampling, evaluation, baselines, end to end, top-k."""
