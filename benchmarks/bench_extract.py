@@ -41,8 +41,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline.encoders import Encoder, load_encoder, read_card
 from pipeline.encoders.base import select_tokens
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.features.store import ExtractConfig, extract_features
-from stages.extract import feature_set_of
+from pipeline.features.extract import ExtractConfig, extract_features
+from pipeline.features.names import feature_set_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ITEMS = ROOT / "data/processed/demo/items.parquet"

@@ -296,26 +296,12 @@ def features_show(
     rows: Annotated[int, typer.Option(help="Rows to preview.")] = 5,
 ) -> None:
     """Print a feature set's schema, metadata and a polars preview."""
-    import polars as pl
+    from pipeline.features.inspect import show
 
-    from pipeline.features.store import ITEMS_FILE, read_feature_store
-
-    folder = root / dataset / feature_set
     with _user_errors():
-        store = read_feature_store(folder)
-        frame = pl.read_parquet(folder / ITEMS_FILE)
-    typer.echo(f"{folder}: {frame.height} items")
-    typer.echo(f"schema: {dict(frame.schema)}")
-    for key, value in sorted(store.metadata.items()):
-        typer.echo(f"  {key}: {value}")
-    typer.echo(frame.head(rows))
-
-
-def _folders(path: Path) -> list[str]:
-    """The visible sub-folders of ``path`` (none if it does not exist), sorted."""
-    if not path.is_dir():
-        return []
-    return sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+        lines = show(root / dataset / feature_set, rows)
+    for line in lines:
+        typer.echo(line)
 
 
 @features_app.command("neighbours")
@@ -329,44 +315,12 @@ def features_neighbours(
     ] = Path("."),
 ) -> None:
     """An item's title, then its nearest items by image and by text (FAISS), with titles."""
-    import pyarrow.parquet as pq
+    from pipeline.features.inspect import neighbours
 
-    from pipeline.features.store import ITEMS_FILE, MODALITIES, nearest_items
-
-    store = root / "features" / dataset
-    folder = store / feature_set
-    items_file = root / "data" / "processed" / dataset / "items.parquet"
     with _user_errors():
-        if not store.is_dir():
-            datasets = _folders(root / "features")
-            raise FileNotFoundError(
-                f"unknown dataset {dataset!r}: {root / 'features'} has {datasets}"
-            )
-        if not (folder / ITEMS_FILE).is_file():
-            sets = _folders(store)
-            raise FileNotFoundError(f"unknown feature set {feature_set!r}: {store} has {sets}")
-        if k < 1:
-            raise ValueError(f"k = {k}; use k >= 1")
-        ids = pq.read_table(folder / ITEMS_FILE, columns=["item_id"]).column("item_id").to_numpy()
-        if item not in set(ids.tolist()):
-            raise ValueError(
-                f"item {item} is not in {folder}: it holds {len(ids)} items, "
-                f"ids {ids.min()}..{ids.max()}"
-            )
-        if not items_file.is_file():
-            raise FileNotFoundError(f"{items_file} not found (titles): run `dvc repro preprocess`")
-        table = pq.read_table(items_file, columns=["item_id", "title"])
-        titles = dict(
-            zip(*(table.column(c).to_pylist() for c in ("item_id", "title")), strict=True)
-        )
-        normalized = (pq.read_schema(folder / ITEMS_FILE).metadata or {}).get(b"normalized")
-        score = "cosine" if normalized == b"true" else "inner product"
-        found = {m: nearest_items(folder, item, m, k) for m in MODALITIES}
-    typer.echo(f"{folder}, item {item}: {titles.get(item, '?')}")
-    for modality, (near, scores) in found.items():
-        typer.echo(f"nearest by {modality} ({score}):")
-        for rank, (other, value) in enumerate(zip(near.tolist(), scores.tolist(), strict=True), 1):
-            typer.echo(f"  {rank:>3}. {other:>7}  {value:8.4f}  {titles.get(other, '?')}")
+        lines = neighbours(root, dataset, feature_set, item, k)
+    for line in lines:
+        typer.echo(line)
 
 
 @features_app.command("compare")
@@ -379,61 +333,12 @@ def features_compare(
     root: Annotated[Path, typer.Option(help="Project root: features/ lives under it.")] = Path("."),
 ) -> None:
     """Image-text alignment per feature set: matched vs mismatched cosine, retrieval recall."""
-    import json
+    from pipeline.features.inspect import compare_alignment
 
-    import pyarrow.parquet as pq
-
-    from pipeline.features.alignment import alignment, separate_spaces
-    from pipeline.features.store import ITEMS_FILE, read_feature_store
-
-    store = root / "features" / dataset
-    rows = []
     with _user_errors():
-        if not store.is_dir():
-            datasets = _folders(root / "features")
-            raise FileNotFoundError(
-                f"unknown dataset {dataset!r}: {root / 'features'} has {datasets}"
-            )
-        existing = _folders(store)
-        unknown = [name for name in feature_sets or [] if name not in existing]
-        if unknown:
-            raise FileNotFoundError(f"unknown feature sets {unknown}: {store} has {existing}")
-        if not (feature_sets or existing):
-            raise FileNotFoundError(f"{store} holds no feature sets: run `dvc repro extract`")
-        for name in feature_sets or existing:
-            path = store / name / ITEMS_FILE
-            if not path.is_file():
-                raise FileNotFoundError(f"{path} does not exist (has the extract stage run?)")
-            raw = pq.read_schema(path).metadata or {}
-            meta = {
-                k.decode(): json.loads(v) for k, v in raw.items() if not k.startswith(b"ARROW:")
-            }
-            why = separate_spaces(meta, meta.get("image_dim"), meta.get("text_dim"))
-            if why:
-                rows.append((name, pq.read_metadata(path).num_rows, why))
-            else:
-                features = read_feature_store(store / name)
-                rows.append(
-                    (name, len(features.item_ids), alignment(features.image, features.text))
-                )
-    typer.echo(
-        f"{store}: image-text alignment. cos = mean cosine similarity of matched pairs "
-        "(image_i, text_i) and of all mismatched pairs (image_i, text_j), i != j; "
-        "R@k = retrieval of the paired item among all items (i2t: image -> text)."
-    )
-    columns = ("matched", "mismatched", "gap", "i2t R@1", "i2t R@10", "t2i R@1", "t2i R@10")
-    keys = ("matched_cos", "mismatched_cos", "gap", "i2t_r1", "i2t_r10", "t2i_r1", "t2i_r10")
-    width = max(len("feature set"), *(len(name) for name, _, _ in rows))
-    typer.echo(f"{'feature set':<{width}}  {'items':>6}" + "".join(f"  {c:>10}" for c in columns))
-    for name, n, result in rows:
-        cells = (
-            f"  n/a (separate spaces: {result})"
-            if isinstance(result, str)
-            else "".join(f"  {result[key]:>10.4f}" for key in keys)
-        )
-        typer.echo(f"{name:<{width}}  {n:>6}{cells}")
-    for n in sorted({n for _, n, result in rows if not isinstance(result, str)}):
-        typer.echo(f"chance with {n} items: R@1 = {1 / n:.4f}, R@10 = {min(10, n) / n:.4f}")
+        lines = compare_alignment(root, dataset, feature_sets or [])
+    for line in lines:
+        typer.echo(line)
 
 
 def main() -> None:

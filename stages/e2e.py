@@ -3,26 +3,13 @@ texts, starting from the pretrained weights (the feature store is never read).""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from pipeline.core.distributed import world
-from pipeline.core.seeding import seed_everything
-from pipeline.data.interactions import load_interactions
-from pipeline.data.prepared import require_raw_items
-from pipeline.data.schemas import ITEMS, read_table
-from pipeline.encoders import list_encoders, load_encoder, read_card
-from pipeline.recommenders import get_recommender
-from pipeline.training.e2e import E2EConfig, build_end_to_end, train_end_to_end
-from pipeline.training.trainer import deterministic, resolve_device
-from stages.finetune import settings as encoder_settings
-from stages.params import ParamsError, build, model_settings, require
-from stages.train import train_config
-
-log = logging.getLogger(__name__)
+from pipeline.encoders import list_encoders
+from pipeline.training.e2e import E2EConfig, run_end_to_end
+from pipeline.training.trainer import TrainConfig
+from stages.params import ParamsError, build, encoder_section, model_settings, require, train_config
 
 OVERRIDES = ("train", "recommenders")  # e2e sub-sections that override the shared sections
 
@@ -37,11 +24,14 @@ def settings(
     section = params.get("e2e") or {}
     if not isinstance(section, dict):
         raise ParamsError(f"params.yaml: e2e should be a mapping, got {section!r}")
-    section = encoder_settings(section, require(params, "encoder", list_encoders()))
+    encoder = require(params, "encoder", list_encoders())
+    section = encoder_section(section, encoder, list_encoders(), "e2e")
     cfg = build(E2EConfig, {k: v for k, v in section.items() if k not in OVERRIDES}, "e2e")
     shared, shared_train = model_settings(require(params, "recommenders"), model)
     own, own_train = model_settings(section.get("recommenders"), model, "e2e.recommenders")
-    train_cfg = train_config(params, shared_train, section.get("train") or {}, own_train, seed=seed)
+    train_cfg = train_config(
+        TrainConfig, params, shared_train, section.get("train") or {}, own_train, seed=seed
+    )
     return cfg, train_cfg, {**shared, **own}
 
 
@@ -62,32 +52,9 @@ def run(
     processes share each batch and rank 0 writes. A prefix cache too large for memory is
     mapped from a folder next to ``checkpoint`` (else in the system's temporary folder) and
     removed at the end."""
-    name = require(params, "encoder", list_encoders())
-    table = read_table(items, ITEMS, "items")
-    require_raw_items(items, table, f"e2e {model} with {name}")
-    card = read_card(weights)
-    if card["encoder"] != name:
-        raise ParamsError(f"encoder = {name!r}, but {weights} holds {card['encoder']!r} weights")
-    if not get_recommender(model).uses_features:
-        raise ParamsError(f"{model} is ID-only: there is no encoder to train with it")
     cfg, train_cfg, model_config = settings(params, model, seed)
-    state = None
-    if cfg.warm_start:
-        if init is None or not init.is_file():
-            raise ParamsError(
-                f"e2e.warm_start is true, but the recommender state --init {init} does not exist "
-                "(train the model on the pretrained features first, or set it false)"
-            )
-        state = torch.load(init, map_location="cpu", weights_only=True)
-    data = load_interactions(interactions)
-    encoder = load_encoder(weights)
-    with world() as current, deterministic():
-        seed_everything(train_cfg.seed)
-        device = current.device(resolve_device(train_cfg.device))
-        tmp_dir = None if checkpoint is None else checkpoint.parent  # the run's own temp folder
-        built = build_end_to_end(
-            model, data, encoder, table, model_config, cfg, device, current, state, tmp_dir
-        )
-        metrics = train_end_to_end(built, data, train_cfg, out, checkpoint)
-    log.info("%s end to end with %s: %s", model, name, metrics)
-    return metrics
+    name = require(params, "encoder", list_encoders())
+    return run_end_to_end(
+        model, name, items, interactions, weights, out, cfg, train_cfg, model_config,
+        checkpoint, init,
+    )  # fmt: skip

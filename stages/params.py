@@ -179,3 +179,40 @@ def build(cls: type[T], mapping: dict[str, Any] | None, section: str, **override
     missing keys take the dataclass defaults. ``overrides`` (e.g. the global seed) win.
     """
     return construct(cls, check_section(cls, mapping, section, partial=True), section, **overrides)
+
+
+def training_seeds(params: dict[str, Any]) -> list[int]:
+    """The training seeds the train, train_id and e2e matrices run over (``seeds``, default
+    ``[seed]``); the data split stays fixed by the global ``seed``."""
+    seeds = params.get("seeds")
+    return [require(params, "seed")] if seeds is None else list(seeds)
+
+
+def train_config(
+    cls: type[T], params: dict[str, Any], *overrides: dict[str, Any], seed: int | None = None
+) -> T:
+    """The training config ``cls`` (the trainer's TrainConfig, passed in so that this module,
+    which every stage imports, imports no library code) from the `train` section with
+    ``overrides`` over it in order (e.g. a model's ``recommenders.<model>.train``) and
+    eval.topk; ``seed`` is the run's training seed (initialisation, sampling, dropout), by
+    default the first of ``seeds``."""
+    topk = tuple(require(params, "eval.topk"))
+    train = {**(params.get("train") or {})}
+    for mapping in overrides:
+        train.update(mapping)
+    seed = training_seeds(params)[0] if seed is None else seed
+    return build(cls, train, "train", seed=seed, topk=topk)
+
+
+def encoder_section(
+    section: dict[str, Any], encoder: str, encoders: Iterable[str], name: str
+) -> dict[str, Any]:
+    """The params section ``name`` for ``encoder``: shared keys, overridden by the mapping
+    under the encoder's own name (e.g. ``finetune.vlmo.lr``); the mappings of the other
+    ``encoders`` dropped."""
+    encoders = set(encoders)
+    shared = {k: v for k, v in section.items() if k not in encoders}
+    own = section.get(encoder) or {}
+    if not isinstance(own, dict):
+        raise ParamsError(f"{name}.{encoder} must be a mapping of settings, got {own!r}")
+    return {**shared, **own}

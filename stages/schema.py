@@ -27,17 +27,24 @@ from pipeline.data.download import DownloadConfig
 from pipeline.data.preprocess import PreprocessConfig
 from pipeline.data.sources import get_source, list_sources
 from pipeline.encoders import list_encoders
+from pipeline.encoders.base import BASELINE
 from pipeline.encoders.cnn_pretrain import CnnPretrainConfig
 from pipeline.encoders.pairtrain import PairTrainConfig
-from pipeline.features.store import ExtractConfig
+from pipeline.encoders.pretrain import EncoderSpec
+from pipeline.features.extract import ExtractConfig
 from pipeline.recommenders import get_recommender, list_recommenders
 from pipeline.report.significance import ReportConfig
 from pipeline.training.e2e import E2EConfig
 from pipeline.training.evaluation import check_topk
 from pipeline.training.trainer import TrainConfig
-from stages.params import DEFAULT_PARAMS, ParamsError, check_section, closest, construct
-from stages.train import training_seeds
-from stages.weights import BASELINE, EncoderSpec
+from stages.params import (
+    DEFAULT_PARAMS,
+    ParamsError,
+    check_section,
+    closest,
+    construct,
+    training_seeds,
+)
 
 # TrainConfig fields that come from elsewhere, in `train` and every override of it
 TRAIN_FIXED = {

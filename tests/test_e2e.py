@@ -20,7 +20,7 @@ from pipeline.encoders import load_encoder
 from pipeline.encoders._multiway import VlmoModel
 from pipeline.encoders.clip import ClipEncoder
 from pipeline.encoders.vlmo import DEMO_ARCH, VlmoEncoder, arch_config
-from pipeline.features.store import ExtractConfig, extract_features
+from pipeline.features.extract import ExtractConfig, extract_features
 from pipeline.training.e2e import (
     ENCODER_DIR,
     E2EConfig,

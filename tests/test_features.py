@@ -12,14 +12,8 @@ from tables import make_items
 
 from pipeline.data.schemas import ContractError
 from pipeline.encoders.clip import ClipEncoder
-from pipeline.features.store import (
-    ExtractConfig,
-    extract_features,
-    feature_metadata,
-    nearest_items,
-    read_feature_store,
-    write_feature_store,
-)
+from pipeline.features.extract import ExtractConfig, extract_features, feature_metadata
+from pipeline.features.store import nearest_items, read_feature_store, write_feature_store
 
 MICRO_ARCH = "lmmrec-test-extract"
 MICRO_CFG = {

@@ -72,11 +72,12 @@ def test_finetune_raises_held_out_recall_and_retags(arch):
 
 
 def test_finetune_settings_take_the_encoders_own_overrides():
-    from stages.finetune import settings
-    from stages.params import ParamsError
+    from stages.params import ParamsError, encoder_section
+
+    encoders = ["clip", "cnn_st", "vlmo"]
 
     section = {"lr": 1e-4, "epochs": 5, "vlmo": {"lr": 3e-4}, "clip": {"epochs": 2}}
-    assert settings(section, "vlmo") == {"lr": 3e-4, "epochs": 5}
-    assert settings(section, "clip") == {"lr": 1e-4, "epochs": 2}
+    assert encoder_section(section, "vlmo", encoders, "finetune") == {"lr": 3e-4, "epochs": 5}
+    assert encoder_section(section, "clip", encoders, "finetune") == {"lr": 1e-4, "epochs": 2}
     with pytest.raises(ParamsError, match="finetune.clip must be a mapping"):
-        settings({"clip": 3}, "clip")
+        encoder_section({"clip": 3}, "clip", encoders, "finetune")

@@ -112,7 +112,8 @@ def test_models_and_id_models_follow_the_registry():
 
 
 def test_floats_written_as_yaml_1_1_strings_are_read_as_floats(tmp_path):
-    from stages.train import train_config
+    from pipeline.training.trainer import TrainConfig
+    from stages.params import train_config
 
     def change(params):
         params["train"]["lr"] = "LR"
@@ -128,7 +129,7 @@ def test_floats_written_as_yaml_1_1_strings_are_read_as_floats(tmp_path):
     assert yaml.safe_load(text)["train"]["lr"] == "1e-3"  # YAML 1.1 reads it as a string
     params = load_params(path)
     assert params["train"]["lr"] == 0.001 and isinstance(params["train"]["lr"], float)
-    assert train_config(params).lr == 0.001
+    assert train_config(TrainConfig, params).lr == 0.001
     assert params["recommenders"]["vbpr"]["reg_weight"] == 0.0005
 
 

@@ -12,8 +12,10 @@ from pipeline.data.interactions import load_interactions
 from pipeline.data.schemas import INTERACTIONS, ITEMS, seed_folder, write_table
 from pipeline.features.store import write_feature_store
 from pipeline.training.evaluation import metrics_from_hits, recommend
+from pipeline.training.recommend import RECOMMENDATIONS, load_model
 from stages import recommend as stage
 from stages import train
+from stages.params import model_settings
 
 ROOT = Path(__file__).parents[1]
 N_USERS, N_ITEMS = 60, 45
@@ -73,7 +75,7 @@ def test_all_users_get_k_unseen_items_ranked_like_the_evaluator(world, model, fs
     out = tmp_path / "recs.parquet"
     returned = run(world, model, fs, k=20, all_users=True, out=out)
     recs = pq.read_table(out)
-    assert recs.schema.equals(stage.RECOMMENDATIONS) and recs.equals(returned)
+    assert recs.schema.equals(RECOMMENDATIONS) and recs.equals(returned)
     data = world["data"]
     users = recs.column("user_id").to_numpy().reshape(N_USERS, 20)
     items = recs.column("item_id").to_numpy().reshape(N_USERS, 20)
@@ -96,9 +98,9 @@ def test_all_users_get_k_unseen_items_ranked_like_the_evaluator(world, model, fs
     for name in ("recall@10", "recall@20", "ndcg@20"):
         np.testing.assert_array_equal(mine[name], per_user.column(name).to_numpy())
 
-    model_obj = stage.load_model(
-        world["params"],
+    model_obj = load_model(
         model,
+        model_settings(world["params"]["recommenders"], model)[0],
         fs,
         data,
         world["root"] / "models/tiny" / fs / model / "seed-2022/model.pt",

@@ -11,6 +11,7 @@ import pytest
 from scipy import stats
 from tables import interactions_table
 
+from pipeline.features.names import encoder_settings
 from pipeline.report.plots import bar_plot
 from pipeline.report.significance import (
     Cell,
@@ -18,7 +19,6 @@ from pipeline.report.significance import (
     Run,
     cells,
     compare,
-    encoder_settings,
     headline,
     holm,
     paper_pairs,

@@ -9,8 +9,9 @@ import yaml
 from tables import interactions_table
 
 from pipeline.data.schemas import INTERACTIONS, seed_folder, write_table
-from pipeline.training.trainer import MODEL_FILE
+from pipeline.training.trainer import MODEL_FILE, TrainConfig
 from stages import train
+from stages.params import train_config, training_seeds
 
 ROOT = Path(__file__).parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -24,12 +25,12 @@ def params(**changes) -> dict:
 
 
 def test_the_training_seed_is_the_option_else_the_first_of_seeds():
-    assert train.train_config(params(seeds=[7, 8])).seed == 7
-    assert train.train_config(params(seeds=[7, 8]), seed=8).seed == 8
+    assert train_config(TrainConfig, params(seeds=[7, 8])).seed == 7
+    assert train_config(TrainConfig, params(seeds=[7, 8]), seed=8).seed == 8
     without = params()
     without.pop("seeds")
-    assert train.train_config(without).seed == without["seed"]
-    assert train.training_seeds(without) == [without["seed"]]
+    assert train_config(TrainConfig, without).seed == without["seed"]
+    assert training_seeds(without) == [without["seed"]]
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from graphs import clustered as make_clustered
 
 from pipeline.recommenders import ItemFeatures, get_recommender
 from pipeline.recommenders.graph import propagate, to_csr
-from pipeline.recommenders.losses import bpr_loss, l2_reg
-from pipeline.recommenders.mmgcl import MMGCL, info_nce
+from pipeline.recommenders.losses import bpr_loss, info_nce, l2_reg
+from pipeline.recommenders.mmgcl import MMGCL
 from pipeline.recommenders.slmrec import SLMRec
 from pipeline.training.sampling import epoch_batches
 

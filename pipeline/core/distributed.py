@@ -14,6 +14,21 @@ import torch
 import torch.distributed as dist
 
 
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> cuda when available, else cpu; otherwise the named torch device."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<n>'"
+        ) from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return resolved
+
+
 @dataclass(frozen=True)
 class World:
     """This process's rank among ``size`` processes (1 without torchrun)."""

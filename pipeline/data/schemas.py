@@ -19,8 +19,6 @@ WRITTEN_BY = {
     "image_features": "preprocess",
     "prepared_features": "preprocess",
 }
-# The feature-set name of ID-only runs: models/<dataset>/id/<model>/ (BPR, LightGCN).
-ID_ONLY = "id"
 # One training run's folder: models/<dataset>/<feature_set>/<model>/seed-<seed>/.
 SEED_PREFIX = "seed-"
 

@@ -1,8 +1,13 @@
-"""Item encoder families behind one registry: adding a family is adding one file here.
+"""Item encoder families behind one registry, and their training: adding a family is adding
+one file here.
 
-Each module of this package that defines an encoder decorates its class with
-``@register_encoder("<name>")``. Modules are imported on first lookup, so that importing the
-registry stays cheap and a new family needs no edit anywhere else.
+Each family module decorates its class with ``@register_encoder("<name>")`` and is named after
+it (dvc.yaml's stages depend on ``pipeline/encoders/<name>.py``, and on ``<name>_configs/``
+where a family keeps its architectures as data). Modules are imported on first lookup, so that
+importing the registry stays cheap and a new family needs no edit anywhere else. Beside the
+families: ``base`` (the interface and weights folders), ``pairtrain`` (image-text training),
+``pretrain`` (the weights stage), ``cnn_pretrain`` (the baseline's demo pretraining) and
+``finetune``.
 """
 
 from __future__ import annotations

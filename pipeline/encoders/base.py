@@ -27,6 +27,8 @@ from pipeline.core.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
+BASELINE = "cnn_st"  # the modality-specific baseline family, and its feature set
+DEMO_TAG = "demo"  # the ``pretrained`` tag of weights made by our own demo pretraining
 WEIGHTS_CARD = "weights.json"
 STATE_FILE = "model.safetensors"
 CARD_KEYS = ("encoder", "arch", "pretrained", "sha256", "source")
@@ -71,6 +73,8 @@ class Encoder(nn.Module, ABC):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_sha256: str | None = None
+    demo_arch: ClassVar[str]  # the small arch of the demo's weights (``tiny``)
+    _transform: Callable[[Image.Image], torch.Tensor]  # set by the family's __init__
     # what ``freeze_lower_layers`` reads: name prefixes of the input embeddings' parameters and
     # modules, and a pattern whose group 1 is the transformer block index (empty: the family
     # cannot freeze)
@@ -79,9 +83,10 @@ class Encoder(nn.Module, ABC):
     frozen_layers: int = 0  # set by ``freeze_lower_layers``
 
     @property
-    @abstractmethod
     def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """Evaluation preprocessing: a PIL image -> a [3, H, W] float tensor."""
+        """Evaluation preprocessing: a PIL image -> a [3, H, W] float tensor (the family's
+        ``_transform``, built from the preprocessing that travels with its weights)."""
+        return self._transform
 
     @abstractmethod
     def tokenize(self, texts: Sequence[str]) -> Tokens:
@@ -119,9 +124,10 @@ class Encoder(nn.Module, ABC):
         """Rebuild the encoder from a weights folder, offline."""
 
     @classmethod
-    @abstractmethod
     def tiny(cls) -> Encoder:
-        """A small randomly initialised instance, offline: the registry's smoke tests use it."""
+        """A small randomly initialised instance, offline (the family's ``demo_arch``): the
+        registry's smoke tests use it."""
+        return cls.from_arch(cls.demo_arch)
 
     @classmethod
     def from_arch(cls, arch: str) -> Encoder:
@@ -232,21 +238,6 @@ class Encoder(nn.Module, ABC):
     def device(self) -> torch.device:
         """Where the encoder's parameters live."""
         return next(self.parameters()).device
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda when available, else cpu; otherwise the named torch device."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ValueError(
-            f"unknown device {device!r}; use 'auto', 'cpu', 'cuda' or 'cuda:<n>'"
-        ) from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but torch sees no CUDA device")
-    return resolved
 
 
 PRECISIONS = ("auto", "fp32", "bf16")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +25,6 @@ from open_clip.transformer import (
     VisionTransformer,
     text_global_pool,
 )
-from PIL import Image
 
 from pipeline.encoders import register_encoder
 from pipeline.encoders.base import Encoder, Prefix, Tokens, read_weights, write_weights
@@ -129,6 +128,7 @@ def _quiet_random_init() -> Iterator[None]:
 class ClipEncoder(Encoder):
     """An open_clip ``CLIP`` model with its tokenizer and its evaluation image transform."""
 
+    demo_arch = DEMO_ARCH
     embedding_prefixes = (
         "model.visual.conv1.", "model.visual.class_embedding", "model.visual.positional_embedding",
         "model.visual.patch_dropout.", "model.visual.ln_pre.", "model.token_embedding.",
@@ -175,14 +175,6 @@ class ClipEncoder(Encoder):
         """``arch`` randomly initialised (seed torch first for a reproducible init)."""
         check_arch(arch)
         return cls(open_clip.create_model(arch, pretrained=None), arch)
-
-    @classmethod
-    def tiny(cls) -> ClipEncoder:
-        return cls.from_arch(DEMO_ARCH)
-
-    @property
-    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._transform
 
     @property
     def logit_scale(self) -> torch.nn.Parameter:

@@ -22,10 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from pipeline.core.distributed import resolve_device
 from pipeline.core.seeding import seed_everything
 from pipeline.data.demo.attributes import ATTRIBUTES, IMAGE_ATTRIBUTES
 from pipeline.data.demo.corpus import Corpus
-from pipeline.encoders.base import resolve_device
+from pipeline.encoders import get_encoder
+from pipeline.encoders.base import BASELINE, DEMO_TAG
 
 if TYPE_CHECKING:  # torchvision (imported by cnn_st) costs ~1.5 s: only the stage that trains
     from pipeline.encoders.cnn_st import CnnStEncoder
@@ -148,8 +150,7 @@ def pretrain_cnn(
     returned, so the history is the same on every run of the same inputs.
     Chance accuracy of an attribute is 1 / its number of values (the corpus draws uniformly).
     """
-    from pipeline.encoders.cnn_st import DEMO_TAG, CnnStEncoder
-
+    family = get_encoder(BASELINE)  # imports cnn_st (torchvision) before anything is seeded
     missing = [a for a in IMAGE_ATTRIBUTES if a not in corpus.attributes]
     if missing:
         raise ValueError(f"corpus lacks labels for {missing}; it has {sorted(corpus.attributes)}")
@@ -157,7 +158,7 @@ def pretrain_cnn(
         raise ValueError(f"holdout_pairs={cfg.holdout_pairs} leaves < 2 of {len(corpus)} pairs")
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    encoder = CnnStEncoder.from_arch(arch)
+    encoder = family.from_arch(arch)
     cnn = encoder.cnn.to(device)
     heads = nn.ModuleDict(
         {a: nn.Linear(encoder.image_dim, len(ATTRIBUTES[a].values)) for a in IMAGE_ATTRIBUTES}

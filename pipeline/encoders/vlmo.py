@@ -19,7 +19,7 @@ import math
 import pickle
 import shutil
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -112,6 +112,7 @@ def bert_tokenizer() -> PreTrainedTokenizerBase:
 class VlmoEncoder(Encoder):
     """A ``VlmoModel`` with the BERT tokenizer, the evaluation transform and the objective."""
 
+    demo_arch = DEMO_ARCH
     embedding_prefixes = (
         "model.text_embeddings.", "model.token_type_embeddings.", "model.transformer.cls_token",
         "model.transformer.patch_embed.", "model.transformer.pos_embed",
@@ -159,14 +160,6 @@ class VlmoEncoder(Encoder):
     def from_arch(cls, arch: str) -> VlmoEncoder:
         """``arch`` randomly initialised as the official code does (seed torch first)."""
         return cls(VlmoModel(arch_config(arch)), arch)
-
-    @classmethod
-    def tiny(cls) -> VlmoEncoder:
-        return cls.from_arch(DEMO_ARCH)
-
-    @property
-    def image_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        return self._transform
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts -> ``input_ids`` and ``attention_mask`` [B, max_text_len], padded, truncated."""

@@ -1,7 +1,9 @@
-"""The recommender registry: one module per model in this package, each registering itself.
+"""Recommenders behind one registry: one module per model in this package, each registering
+itself, beside what they share (``base``, ``graph``, ``losses``, ``_channels``).
 
 Adding a model is adding one file here whose class is decorated with
-``@register_recommender("name")``; the modules are imported on first lookup.
+``@register_recommender("name")``, named after the model (dvc.yaml's train stages depend on
+``pipeline/recommenders/<model>.py``); a module is imported on its name's first lookup.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Losses shared by every recommender, written once: BPR and embedding regularisation."""
+"""Losses shared by the recommenders, written once: BPR, embedding regularisation, InfoNCE."""
 
 from __future__ import annotations
 
@@ -30,3 +30,23 @@ def l2_reg(*embeddings: torch.Tensor, squared: bool = False) -> torch.Tensor:
     else:
         total = sum(torch.linalg.vector_norm(e) for e in embeddings)
     return total / embeddings[-1].shape[0]
+
+
+def info_nce(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    temperature: float,
+    hard: torch.Tensor | None = None,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """InfoNCE, mean over anchors: row i of ``positive`` [n, d] is anchor i's positive, the
+    other rows its negatives; ``hard`` [n, d] adds one more negative per anchor. Rows are
+    L2-normalised first (cosine similarity) unless ``normalize`` is False."""
+    if normalize:
+        anchor, positive = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
+    logits = anchor @ positive.T  # [n, n]
+    if hard is not None:
+        hard = F.normalize(hard, dim=1) if normalize else hard
+        logits = torch.cat([logits, (anchor * hard).sum(dim=1, keepdim=True)], dim=1)
+    labels = torch.arange(anchor.shape[0], device=anchor.device)
+    return F.cross_entropy(logits / temperature, labels)

@@ -37,34 +37,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders._channels import ChannelConfig, ChannelRecommender
 from pipeline.recommenders.base import ItemFeatures
 from pipeline.recommenders.graph import sym_normalize, to_csr
-from pipeline.recommenders.losses import bpr_loss, l2_reg
-
-
-def info_nce(
-    anchor: torch.Tensor,
-    positive: torch.Tensor,
-    temperature: float,
-    hard: torch.Tensor | None = None,
-    normalize: bool = True,
-) -> torch.Tensor:
-    """InfoNCE, mean over anchors: row i of ``positive`` [n, d] is anchor i's positive, the
-    other rows its negatives; ``hard`` [n, d] adds one more negative per anchor. Rows are
-    L2-normalised first (cosine similarity) unless ``normalize`` is False."""
-    if normalize:
-        anchor, positive = F.normalize(anchor, dim=1), F.normalize(positive, dim=1)
-    logits = anchor @ positive.T  # [n, n]
-    if hard is not None:
-        hard = F.normalize(hard, dim=1) if normalize else hard
-        logits = torch.cat([logits, (anchor * hard).sum(dim=1, keepdim=True)], dim=1)
-    labels = torch.arange(anchor.shape[0], device=anchor.device)
-    return F.cross_entropy(logits / temperature, labels)
+from pipeline.recommenders.losses import bpr_loss, info_nce, l2_reg
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,7 @@ from pipeline.recommenders import register_recommender
 from pipeline.recommenders._channels import ChannelConfig, ChannelRecommender
 from pipeline.recommenders.base import ItemFeatures
 from pipeline.recommenders.graph import propagate
-from pipeline.recommenders.losses import bpr_loss, l2_reg
-from pipeline.recommenders.mmgcl import info_nce
+from pipeline.recommenders.losses import bpr_loss, info_nce, l2_reg
 
 SSL_TASKS = ("fac", "fd", "fm", "fd+fm")
 MAIN_LOSSES = ("infonce", "bpr")

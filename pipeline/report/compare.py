@@ -6,28 +6,36 @@ from __future__ import annotations
 
 import itertools
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.data.schemas import ID_ONLY
-from pipeline.report.significance import Cell, Run, cells, load_runs
+from pipeline.core.atomic import write_json
+from pipeline.encoders.base import BASELINE
+from pipeline.features.names import ID_ONLY, encoder_stage
+from pipeline.report.significance import (
+    Cell,
+    ReportConfig,
+    Run,
+    cells,
+    compare,
+    headline,
+    load_runs,
+)
+from pipeline.report.tables import (
+    cell_summary,
+    comparisons_table,
+    headline_text,
+    method_text,
+    outcomes,
+    seed_note,
+    seeds_text,
+    settings_table,
+    spread_blocks,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
-
-_SETTING = re.compile(r"^(?:e2e-(?P<e2e>.+)|(?P<encoder>.+)-(?P<stage>pretrained|finetuned))$")
-
-
-def encoder_stage(setting: str) -> tuple[str, str] | None:
-    """(encoder, stage) of an LMM feature setting: ``clip-finetuned`` -> ("clip", "finetuned"),
-    ``e2e-vlmo`` -> ("vlmo", "e2e"); None for ``cnn_st``, ``id`` and other settings."""
-    match = _SETTING.match(setting)
-    if match is None:
-        return None
-    if match["e2e"]:
-        return match["e2e"], "e2e"
-    return match["encoder"], match["stage"]
 
 
 @dataclass(frozen=True)
@@ -118,7 +126,7 @@ def setting_order(entries: Sequence[Entry]) -> list[str]:
 
     def key(entry: Entry) -> tuple[int, int, str]:
         parts = encoder_stage(entry.setting)
-        stage = 0 if entry.setting == "cnn_st" else rank[parts[1]] if parts else 4
+        stage = 0 if entry.setting == BASELINE else rank[parts[1]] if parts else 4
         return labels.index(entry.label), stage, entry.setting
 
     labels = list(dict.fromkeys(e.label for e in entries))
@@ -134,3 +142,55 @@ def source_label(spec: str) -> tuple[str, str]:
     if not label or not path:
         raise ValueError(f"--dir {spec!r}: give LABEL=PATH (e.g. clip=models/demo)")
     return label, path
+
+
+def compare_experiments(
+    dataset: str, revs: Sequence[str], dirs: Sequence[str], cfg: ReportConfig, out: Path
+) -> dict:
+    """Compare the runs of ``dataset`` at each of ``revs`` (git revisions or DVC experiment
+    names; "workspace" for the files on disk) and in each ``LABEL=PATH`` of ``dirs``: the
+    report's tables, spread and tests across users and seeds, written into ``out``
+    (compare.md, compare.html, summary.json). Returns what summary.json holds."""
+    sources = []
+    for rev in revs:
+        where = None if rev == "workspace" else rev
+        sources.append((rev, load_source(rev, f"models/{dataset}", where)))
+    for spec in dirs:
+        label, path = source_label(spec)
+        sources.append((label, load_source(label, path)))
+    if not sources:
+        raise ValueError("nothing to compare: give --rev (git rev / experiment) or --dir")
+    labels = [label for label, _ in sources]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"source labels must differ, got {labels}")
+    entries = merge(sources)
+    shown = [e.cell for e in entries]
+    rows = compare(cross_pairs(entries), cfg)
+    shares = headline(rows)
+    settings = setting_order(entries)
+    blocks: list = [
+        ("h1", f"Comparison on {dataset}: {', '.join(labels)}"),
+        ("p", "Tests between encoders at the same stage and between sources for the same "
+              "setting (cells whose per-user results are identical in several sources are "
+              f"shown once); Holm–Bonferroni across all {len(rows)} tests. {seeds_text(shown)} "
+              "Tables: the mean over seeds, with the smallest and largest run in brackets when "
+              "there are several; best mean per model in bold. " + method_text(cfg.alpha)),
+    ]  # fmt: skip
+    note = seed_note(rows)
+    if note:
+        blocks.append(("p", note))
+    for metric in cfg.metrics:
+        blocks += [("h2", f"Test {metric}"), ("table", settings_table(shown, {}, settings, metric))]
+    blocks += spread_blocks(shown, settings, cfg.metrics)
+    blocks += [("h2", "Headline"), ("p", headline_text(shares)), ("h2", "Tests")]
+    blocks.append(("table", comparisons_table(rows)) if rows else ("p", "No pairable runs."))
+    write_report(blocks, out, "compare", f"lmmrec comparison: {dataset}")
+    result = {
+        **cell_summary(shown, cfg.metrics),
+        "headline": shares,
+        "comparisons": outcomes(rows),
+        "seed_note": note,
+    }
+    write_json(out / "summary.json", result)
+    log.info("compare: %d cells from %s, %d tests -> %s", len(shown), labels, len(rows), out)
+    return result

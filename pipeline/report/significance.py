@@ -17,6 +17,8 @@ import numpy as np
 import polars as pl
 
 from pipeline.data.schemas import SEED_PREFIX
+from pipeline.encoders.base import BASELINE
+from pipeline.features.names import E2E, setting
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +35,14 @@ class ReportConfig:
             raise ValueError(f"alpha must lie in (0, 1), got {self.alpha}")
 
 
-# The paper's comparisons, each as (label, setting A, setting B): is A better than B?
+# The paper's comparisons, each as (label, stage A, stage B): is the LMM's setting at stage A
+# better than at B (the baseline: the cnn_st set)?
 PAPER_COMPARISONS: tuple[tuple[str, str, str], ...] = (
-    ("pretrained LMM vs cnn_st", "{encoder}-pretrained", "cnn_st"),
-    ("fine-tuned vs pretrained", "{encoder}-finetuned", "{encoder}-pretrained"),
-    ("end-to-end vs fine-tuned", "e2e-{encoder}", "{encoder}-finetuned"),
-    ("end-to-end vs pretrained", "e2e-{encoder}", "{encoder}-pretrained"),
+    ("pretrained LMM vs cnn_st", "pretrained", BASELINE),
+    ("fine-tuned vs pretrained", "finetuned", "pretrained"),
+    ("end-to-end vs fine-tuned", E2E, "finetuned"),
+    ("end-to-end vs pretrained", E2E, "pretrained"),
 )
-
-
-def encoder_settings(encoder: str) -> list[str]:
-    """The feature settings of the paper's table for the LMM ``encoder``, in column order."""
-    return ["cnn_st", f"{encoder}-pretrained", f"{encoder}-finetuned", f"e2e-{encoder}"]
 
 
 def present_settings(cells: Sequence[Cell], settings: Sequence[str]) -> list[str]:
@@ -332,8 +330,8 @@ def paper_pairs(cells: Sequence[Cell], encoder: str) -> list[tuple[str, Cell, Ce
     by_key = {(c.setting, c.model): c for c in cells}
     models = sorted({c.model for c in cells})
     pairs = []
-    for label, a_setting, b_setting in PAPER_COMPARISONS:
-        a_setting, b_setting = a_setting.format(encoder=encoder), b_setting.format(encoder=encoder)
+    for label, a_stage, b_stage in PAPER_COMPARISONS:
+        a_setting, b_setting = setting(encoder, a_stage), setting(encoder, b_stage)
         for model in models:
             if (a_setting, model) in by_key and (b_setting, model) in by_key:
                 pairs.append((label, by_key[a_setting, model], by_key[b_setting, model]))

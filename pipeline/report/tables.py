@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.core.atomic import atomic_path
-from pipeline.data.schemas import ID_ONLY
+from pipeline.features.names import ID_ONLY
 from pipeline.report.significance import Cell, ReportConfig, present_settings
 
 NO_FEATURES = "ID only / none"  # the column of the references: BPR, LightGCN, popularity...

@@ -41,8 +41,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from pipeline.core.distributed import World, gather_variable
-from pipeline.data.interactions import InteractionData
+from pipeline.core.distributed import World, gather_rows, gather_variable, resolve_device
+from pipeline.core.distributed import world as process_group
+from pipeline.core.seeding import seed_everything
+from pipeline.data.interactions import InteractionData, load_interactions
+from pipeline.data.prepared import require_raw_items
+from pipeline.data.schemas import ITEMS, read_table
+from pipeline.encoders import load_encoder, read_card
 from pipeline.encoders.base import (
     Encoder,
     Prefix,
@@ -53,16 +58,10 @@ from pipeline.encoders.base import (
     to_device,
     uses_bf16,
 )
-from pipeline.features.store import (
-    ExtractConfig,
-    decode_image,
-    extract_features,
-    finish,
-    gather_rows,
-)
+from pipeline.features.extract import ExtractConfig, decode_image, extract_features, finish
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.training.trainer import TrainConfig, train
+from pipeline.training.trainer import TrainConfig, deterministic, train
 
 log = logging.getLogger(__name__)
 
@@ -560,4 +559,55 @@ def train_end_to_end(
     finally:
         model.close()
     log.info("%s end to end: %s", model.name, metrics)
+    return metrics
+
+
+def run_end_to_end(
+    model: str,
+    encoder_name: str,
+    items: Path,
+    interactions: Path,
+    weights: Path,
+    out: Path,
+    cfg: E2EConfig,
+    train_cfg: TrainConfig,
+    model_config: Mapping[str, Any] | Any | None,
+    checkpoint: Path | None = None,
+    init: Path | None = None,
+) -> dict[str, Any]:
+    """The e2e stage's run: recommender ``model`` trained end to end with the ``encoder_name``
+    weights in ``weights`` on the items and interactions files; writes ``out``. With
+    ``cfg.warm_start`` the recommender starts from ``init`` (its run on the pretrained
+    features with the same training seed). Under ``torchrun --nproc_per_node N`` the
+    processes share each batch and rank 0 writes. A prefix cache too large for memory is
+    mapped from a folder next to ``checkpoint`` (else in the system's temporary folder) and
+    removed at the end."""
+    table = read_table(items, ITEMS, "items")
+    require_raw_items(items, table, f"e2e {model} with {encoder_name}")
+    card = read_card(weights)
+    if card["encoder"] != encoder_name:
+        raise ValueError(
+            f"encoder = {encoder_name!r}, but {weights} holds {card['encoder']!r} weights"
+        )
+    if not get_recommender(model).uses_features:
+        raise ValueError(f"{model} is ID-only: there is no encoder to train with it")
+    state = None
+    if cfg.warm_start:
+        if init is None or not init.is_file():
+            raise ValueError(
+                f"e2e.warm_start is true, but the recommender state --init {init} does not exist "
+                "(train the model on the pretrained features first, or set it false)"
+            )
+        state = torch.load(init, map_location="cpu", weights_only=True)
+    data = load_interactions(interactions)
+    encoder = load_encoder(weights)
+    with process_group() as current, deterministic():
+        seed_everything(train_cfg.seed)
+        device = current.device(resolve_device(train_cfg.device))
+        tmp_dir = None if checkpoint is None else checkpoint.parent  # the run's own temp folder
+        built = build_end_to_end(
+            model, data, encoder, table, model_config, cfg, device, current, state, tmp_dir
+        )
+        metrics = train_end_to_end(built, data, train_cfg, out, checkpoint)
+    log.info("%s end to end with %s: %s", model, encoder_name, metrics)
     return metrics

@@ -34,9 +34,10 @@ from scmrepo.exceptions import SCMError
 from tqdm import tqdm
 
 from pipeline.core.atomic import atomic_path, replaced_folder, write_json
-from pipeline.core.distributed import World, sum_gradients, sum_scalar
+from pipeline.core.distributed import World, resolve_device, sum_gradients, sum_scalar
 from pipeline.core.seeding import seed_everything
-from pipeline.data.interactions import InteractionData
+from pipeline.data.interactions import InteractionData, load_interactions
+from pipeline.features.names import ID_ONLY
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
 from pipeline.training.evaluation import METRICS, EvalResult, check_topk, evaluate
@@ -125,13 +126,6 @@ def open_live(directory: Path) -> Live | _NoLive:
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; any other name as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def micro_batches(n: int, cfg: TrainConfig, world: World) -> list[torch.Tensor]:
@@ -552,6 +546,43 @@ def train_recommender(
         seed_everything(cfg.seed)
         model = get_recommender(name).build(data, features, model_config)
         return train(model, data, cfg, out_dir, checkpoint_path)
+
+
+def load_item_features(features: str | Path, n_items: int) -> ItemFeatures:
+    """The feature store in ``features`` as a recommender's item features; its items must be
+    the interactions' 0..``n_items``-1."""
+    from pipeline.features.store import read_feature_store  # faiss: for feature models only
+
+    store = read_feature_store(features, n_items)
+    return ItemFeatures.from_arrays(store.item_ids, store.image, store.text, n_items)
+
+
+def train_from_files(
+    name: str,
+    feature_set: str,
+    interactions: str | Path,
+    features: str | Path | None,
+    model_config: Mapping[str, Any] | Any | None,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    checkpoint_path: str | Path | None = None,
+) -> dict[str, Any]:
+    """The train stage's run: ``train_recommender`` on the interactions file and, for a model
+    that reads item features, the feature store ``features`` of ``feature_set`` (``id`` for
+    an ID-only model)."""
+    model_cls = get_recommender(name)
+    data = load_interactions(interactions)
+    item_features = None
+    if model_cls.uses_features:
+        if feature_set == ID_ONLY or features is None:
+            raise ValueError(f"{name} reads item features: give --feature-set and --features")
+        item_features = load_item_features(features, data.n_items)
+    elif feature_set != ID_ONLY:
+        raise ValueError(f"{name} is ID-only: train it with --feature-set {ID_ONLY}")
+    metrics = train_recommender(name, data, item_features, model_config, cfg, out_dir,
+                                checkpoint_path)  # fmt: skip
+    log.info("%s on %s: %s", name, feature_set, metrics)
+    return metrics
 
 
 @contextmanager
