@@ -84,6 +84,13 @@ class Registry(Generic[T]):
         """Every registered name, sorted."""
         return sorted(set(self._declared) | set(self._classes))
 
+    def module(self, name: str) -> str:
+        """The module that declares ``name`` (read from the package's source, nothing is
+        imported); an unknown name lists the known ones."""
+        if name not in self._declared:
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {self.names()}")
+        return self._declared[name]
+
     def get(self, name: str) -> T:
         """The class registered as ``name``; an unknown name lists the known ones."""
         if name not in self._classes and name in self._declared:

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
-import inspect
 import logging
 import math
 import pickle
 import random
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -34,6 +31,7 @@ from scmrepo.exceptions import SCMError
 from tqdm import tqdm
 
 from pipeline.core.atomic import atomic_path, replaced_folder, write_json
+from pipeline.core.code import ROOT, code_files
 from pipeline.core.distributed import World, resolve_device, sum_gradients, sum_scalar
 from pipeline.core.seeding import seed_everything
 from pipeline.data.interactions import InteractionData, load_interactions
@@ -252,26 +250,23 @@ def _config_fields(config: Any) -> dict[str, Any]:
     }
 
 
-# the code a run's result depends on besides the model's own module
-_CODE = (
-    "training.trainer",
-    "training.optimizer",
-    "training.sampling",
-    "training.evaluation",
-    "recommenders.losses",
-    "recommenders.graph",
-    "data.interactions",
-)
-
-
 def _code_digest(model: Recommender) -> str:
-    """Hash of the source files of the model and its parts (an end-to-end model's recommender
-    and encoder) and of the shared modules training runs through."""
-    own = sorted({type(m).__module__ for m in model.modules()} | {Recommender.__module__})
-    modules = [sys.modules[name] for name in own if name.startswith("pipeline.")]
-    modules += [importlib.import_module(f"pipeline.{name}") for name in _CODE]
-    sources = [Path(inspect.getfile(m)).read_bytes() for m in modules]
-    return _digest(np.frombuffer(source, dtype=np.uint8) for source in sources)
+    """Hash of the project files the run executes (``code_files``): this trainer's and, as
+    the registry looked them up, the modules of the model and its parts (an end-to-end
+    model's recommender and encoder), with what they import."""
+    own = sorted({type(m).__module__ for m in model.modules()})
+    files = code_files(__name__, *(name for name in own if name.startswith("pipeline.")))
+    paths = [p for f in files for p in ([f] if (ROOT / f).is_file() else _folder_files(ROOT / f))]
+    h = hashlib.blake2b(digest_size=16)
+    for path in paths:
+        h.update(f"{path}\0".encode())
+        h.update((ROOT / path).read_bytes())
+    return h.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The files under ``folder``, sorted, relative to the project root."""
+    return sorted(p.relative_to(ROOT) for p in folder.rglob("*") if p.is_file())
 
 
 def run_fingerprint(
