@@ -5,9 +5,9 @@
     python benchmarks/bench_extract.py --rss-items 20000 \
         --encoder-weights models/weights/clip-pretrained
 
-Times ``pipeline.features.store.extract_features`` against a naive loop (one item at a time: decode,
-transform, tokenize, forward; no batching, no workers) with the same model on the same items,
-counts the FLOPs of the forward passes, times a large float32 matmul for the machine's peak,
+Times ``pipeline.features.extract.extract_features`` against a naive loop (one item at a time:
+decode, transform, tokenize, forward; no batching, no workers) with the same model on the same
+items, counts the FLOPs of the forward passes, times a large float32 matmul for the machine's peak,
 and runs the real ``lmmrec extract`` in a child process for its peak RSS. Not a test: every
 number and ratio holds for this machine and this run only.
 """

@@ -40,14 +40,27 @@ DENSE_OPS = {"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "matmul", "_addmm_a
 # ----------------------------------------------------------------------------- worker side
 
 
+def _module(name: str, flat: str) -> Any:
+    """The module ``name`` of this checkout's layout, or ``flat``, its name in the flat
+    ``pipeline/`` of a commit before the packages (the base worktree's side)."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not name.startswith(exc.name):
+            raise
+        return importlib.import_module(flat)
+
+
 def _load_data(folder: Path) -> tuple[Any, Any]:
     """The interactions and (memory-mapped, copy-on-write) features saved by the parent."""
     import torch
     from synthetic import SPLITS
 
-    from pipeline.data.interactions import InteractionData
     from pipeline.recommenders.base import ItemFeatures
 
+    InteractionData = _module("pipeline.data.interactions", "pipeline.interactions").InteractionData
     saved = np.load(folder / "interactions.npz")
     n_users, n_items = (int(v) for v in saved["shape"])
     data = InteractionData.from_arrays(
@@ -105,8 +118,8 @@ class Worker:
     def __init__(self, folder: Path, batch_size: int, seed: int):
         import torch
 
-        from pipeline import training
-        from pipeline.training.sampling import epoch_batches
+        training = _module("pipeline.training.trainer", "pipeline.training")
+        epoch_batches = _module("pipeline.training.sampling", "pipeline.sampling").epoch_batches
 
         self.torch, self.training = torch, training
         self.data, self.features = _load_data(folder)
@@ -118,9 +131,9 @@ class Worker:
     def build(self, name: str, params: dict[str, Any]) -> dict[str, Any]:
         """Build ``name`` as train_recommender does, its optimiser as the trainer does, and
         take two untimed steps (the first pays for lazy allocations and per-epoch work)."""
-        from pipeline.core.seeding import seed_everything
         from pipeline.recommenders import get_recommender
 
+        seed_everything = _module("pipeline.core.seeding", "pipeline.seeding").seed_everything
         torch = self.torch
         torch.use_deterministic_algorithms(True, warn_only=True)  # as training.deterministic
         seed_everything(self.seed)

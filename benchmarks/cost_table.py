@@ -218,15 +218,17 @@ def _first(tokens: Any) -> Any:
 def flops_worker() -> dict[str, Any]:
     """``encoder_flops`` of ViT-B/16 and VLMo base-plus at the params' e2e freeze depth, with
     the params' fine-tuning holdout of each."""
+    from pipeline.encoders import list_encoders
     from stages.e2e import settings as e2e_settings
-    from stages.finetune import settings as finetune_settings
+    from stages.params import encoder_section
 
     params = _params()
     out = {}
     for family, arch in PAPER_ENCODERS:
         e2e_cfg, _, _ = e2e_settings({**params, "encoder": family}, "vbpr")
         counts = encoder_flops(family, arch, e2e_cfg.freeze_layers)
-        counts["holdout"] = float(finetune_settings(params["finetune"], family)["holdout"])
+        finetune = encoder_section(params["finetune"], family, list_encoders(), "finetune")
+        counts["holdout"] = float(finetune["holdout"])
         out[family] = {"arch": arch, **counts}
     return out
 
