@@ -1,2 +1,3 @@
-"""lmmrec's library: data formats, the demo world, encoders, feature store, recommenders,
-training, evaluation and statistics. Knows nothing of params.yaml or DVC."""
+"""lmmrec's library, one package per phase of the DAG: core, data, encoders, features,
+recommenders, training, report, each importing only those before it. Knows nothing of
+params.yaml or DVC."""

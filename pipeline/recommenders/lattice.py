@@ -218,7 +218,9 @@ class LATTICE(GraphRecommender):
         self, graph: torch.Tensor, transposed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """User [U, d] and item [N, d] embeddings given the item graph: a COO ``graph``
-        (gradients reach its values) or a constant CSR one with its CSR ``transposed``."""
+        (gradients reach its values) or a constant CSR one with its CSR ``transposed``. The
+        item side is A^n_layers h (no mean over layers, unlike ``graph.propagate``), the
+        user-item side LightGCN's ``graph.smooth``."""
         h = self.item_embedding.weight
         for _ in range(self.config.n_layers):
             if transposed is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.core.atomic import write_json
 from pipeline.encoders.base import BASELINE
-from pipeline.features.names import ID_ONLY, encoder_stage
+from pipeline.features.names import E2E, ID_ONLY, LMM_STAGES, encoder_stage
 from pipeline.report.significance import (
     Cell,
     ReportConfig,
@@ -122,7 +122,7 @@ def cross_pairs(entries: Sequence[Entry]) -> list[tuple[str, Cell, Cell]]:
 def setting_order(entries: Sequence[Entry]) -> list[str]:
     """The shown feature settings (ID-only runs are references, not columns) in source order,
     each source's in the paper's column order."""
-    rank = {"pretrained": 1, "finetuned": 2, "e2e": 3}
+    rank = {stage: i for i, stage in enumerate((*LMM_STAGES, E2E), 1)}  # the baseline: 0
 
     def key(entry: Entry) -> tuple[int, int, str]:
         parts = encoder_stage(entry.setting)
