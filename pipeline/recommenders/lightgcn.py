@@ -11,7 +11,8 @@ re-propagates for every batch of evaluated users) and in multiplying by a CSR gr
 backward is one more product with the same (symmetric) graph, not a COO transpose per step.
 The propagation is one autograd node (``pipeline.graph.smooth``) that writes its sparse
 products into buffers reused from step to step, with the float operations of the
-layer-by-layer graph.
+layer-by-layer graph; in training it returns only the batch's rows (``smooth_rows``), whose
+gradients are scattered into one table before the backward products.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pipeline.graph import compact_csr, normalized_adjacency, smooth
+from pipeline.graph import compact_csr, normalized_adjacency, smooth, smooth_rows
 from pipeline.interactions import InteractionData
 from pipeline.losses import bpr_loss, l2_reg
 from pipeline.recommenders import register_recommender
@@ -73,11 +74,17 @@ class LightGCN(GraphRecommender):
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR loss on propagated embeddings + reg_weight * EmbLoss on the layer-0 ones."""
-        user_all, item_all = self.forward()
-        u, p, n = user_all[users], item_all[pos], item_all[neg]  # [B, d] each
+        final, ego = smooth_rows(
+            self.user_embedding,
+            self.item_embedding,
+            self.adjacency,
+            self.config.n_layers,
+            self._scratch,
+            (users, pos, neg),
+        )
+        u, p, n = final.chunk(3)  # [B, d] each
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
-        ego = (self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg])
-        return ranking + self.config.reg_weight * l2_reg(*ego)
+        return ranking + self.config.reg_weight * l2_reg(*ego.chunk(3))
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """Inner products of the propagated embeddings with every item, [B, n_items]."""
