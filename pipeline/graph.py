@@ -238,24 +238,33 @@ def row_slice(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class _RowsSpMM(torch.autograd.Function):
-    """``(matrix @ x)[rows]`` through the row slice alone: the backward multiplies by the
-    slice's transpose, so neither pass touches the other rows."""
+    """``(matrix @ x)[rows]`` through the row slice alone; the backward scatters the rows'
+    gradient into a zero table and multiplies it by the whole transposed matrix, given:
+    each output row then sums the same terms in the same order as the slice's transpose
+    would (the other rows add exact zeros), without transposing the slice, which sorts its
+    entries every step."""
 
     @staticmethod
-    def forward(ctx, matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor):
-        sliced = row_slice(matrix, rows)
-        ctx.sliced = sliced
-        return sliced @ x
+    def forward(ctx, matrix, rows, x, transposed):  # type: ignore[override]
+        ctx.transposed = transposed
+        ctx.save_for_backward(rows)
+        return row_slice(matrix, rows) @ x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return None, None, ctx.sliced.t() @ grad
+    def backward(ctx, grad):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        transposed = ctx.transposed
+        full = grad.new_zeros((transposed.shape[1], grad.shape[1]))
+        full.index_add_(0, rows, grad)
+        return None, None, transposed @ full, None
 
 
-def rows_spmm(matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(matrix @ x)[rows]`` for a constant CSR ``matrix``, differentiable in ``x``, at the
-    cost of the ``rows`` only."""
-    return _RowsSpMM.apply(matrix, rows, x)
+def rows_spmm(
+    matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, transposed: torch.Tensor
+) -> torch.Tensor:
+    """``(matrix @ x)[rows]`` for a constant CSR ``matrix`` whose CSR ``transposed`` is given,
+    differentiable in ``x``; the forward costs the ``rows`` (distinct) only."""
+    return _RowsSpMM.apply(matrix, rows, x, transposed)
 
 
 def bipartite_blocks(adjacency: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,7 +283,7 @@ def bipartite_blocks(adjacency: torch.Tensor, n_users: int) -> tuple[torch.Tenso
         coo = torch.sparse_coo_tensor(
             index[:, keep] - offset, values[keep], shape, is_coalesced=True, check_invariants=False
         )
-        blocks.append(to_csr(coo))
+        blocks.append(compact_csr(coo))
     return blocks[0], blocks[1]
 
 
@@ -304,11 +313,11 @@ def propagate_bipartite(
         last = layer == n_layers
         on_users, on_items = user_side[-1], item_side[-1]
         if last and user_rows is not None:
-            user_side.append(rows_spmm(user_items, user_rows, on_items))
+            user_side.append(rows_spmm(user_items, user_rows, on_items, item_users))
         else:
             user_side.append(constant_spmm(user_items, on_items, item_users))
         if last and item_rows is not None:
-            item_side.append(rows_spmm(item_users, item_rows, on_users))
+            item_side.append(rows_spmm(item_users, item_rows, on_users, user_items))
         else:
             item_side.append(constant_spmm(item_users, on_users, user_items))
     outputs = []

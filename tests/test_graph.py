@@ -7,6 +7,8 @@ from pipeline.graph import (
     knn_graph,
     knn_neighbours,
     normalized_adjacency,
+    row_slice,
+    rows_spmm,
     smooth,
     smooth_rows,
 )
@@ -72,3 +74,23 @@ def test_smooth_rows_equals_gathering_rows_of_the_smoothed_table(n_layers, use_e
                 torch.testing.assert_close(a.grad, b_.grad, rtol=1e-5, atol=1e-6)
             else:
                 assert torch.equal(a.grad, b_.grad)
+
+
+def test_rows_spmm_backward_through_the_whole_transpose_equals_the_slices_transpose():
+    """The last graph layer of MMGCN, MMGCL and SLMRec: (A x)[rows] from the row slice, and
+    its gradient from the zero-padded rows' gradient times the whole transposed matrix,
+    bitwise what the slice's own transpose gives (each output row sums the same terms in the
+    same order; the other rows add exact zeros)."""
+    rng = np.random.default_rng(5)
+    n, m = 60, 45
+    dense = np.where(rng.random((n, m)) < 0.15, rng.random((n, m)), 0).astype(np.float32)
+    matrix = compact_csr(torch.from_numpy(dense).to_sparse())
+    transposed = compact_csr(torch.from_numpy(dense.T.copy()).to_sparse())
+    rows = torch.from_numpy(np.sort(rng.choice(n, 25, replace=False)))
+    x = torch.randn(m, 7, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = rows_spmm(matrix, rows, x, transposed)
+    assert torch.equal(out, row_slice(matrix, rows) @ x.detach())
+    torch.testing.assert_close(out, (torch.from_numpy(dense) @ x.detach())[rows])
+    grad = torch.randn(25, 7, generator=torch.Generator().manual_seed(1))
+    out.backward(grad)
+    assert torch.equal(x.grad, row_slice(matrix, rows).t() @ grad)
