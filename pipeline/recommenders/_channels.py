@@ -13,9 +13,9 @@ from pipeline.data.interactions import InteractionData
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
 from pipeline.recommenders.graph import (
     bipartite_blocks,
+    compact_csr,
     normalized_adjacency,
     propagate_bipartite,
-    to_csr,
 )
 
 MODALITIES = ("image", "text")
@@ -66,7 +66,7 @@ class ChannelRecommender(GraphRecommender):
         for layer in (*self.projections.values(), self.user_readout, self.item_readout):
             nn.init.xavier_uniform_(layer.weight)
         adjacency = normalized_adjacency(data)
-        self.register_buffer("adjacency", to_csr(adjacency), persistent=False)
+        self.register_buffer("adjacency", compact_csr(adjacency), persistent=False)
         user_items, item_users = bipartite_blocks(adjacency, self.n_users)
         self.register_buffer("user_items", user_items, persistent=False)
         self.register_buffer("item_users", item_users, persistent=False)

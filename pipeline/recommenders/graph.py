@@ -85,6 +85,51 @@ def _scratch(buffers: dict[str, torch.Tensor], name: str, like: torch.Tensor) ->
     return buf
 
 
+def _smooth_into(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    adjacency: torch.Tensor,
+    n_layers: int,
+    buffers: dict[str, torch.Tensor],
+    total: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ego, total): [users; items] in the scratch buffer ``ego`` and the mean of its
+    layer-0..``n_layers`` propagations written into ``total``."""
+    shape = (users.shape[0] + items.shape[0], users.shape[1])
+    ego = _scratch(buffers, "ego", users.new_empty(shape))
+    torch.cat([users, items], out=ego)
+    if n_layers == 0:
+        return ego, torch.div(ego, 1, out=total)
+    layer = ego
+    for k in range(n_layers):
+        nxt = _scratch(buffers, "ab"[k % 2], ego)
+        torch.addmm(nxt, adjacency, layer, beta=0, out=nxt)
+        if k == 0:
+            torch.add(ego, nxt, out=total)
+        else:
+            total.add_(nxt)
+        layer = nxt
+    return ego, total.div_(n_layers + 1)
+
+
+def _smooth_grad(
+    grad: torch.Tensor, adjacency: torch.Tensor, n_layers: int, buffers: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The gradient of the smoothed [users; items] with respect to the ego ones, given
+    ``grad`` (contiguous; may be the scratch buffer "g"): by Horner's rule, in fresh memory."""
+    if n_layers == 0:
+        return grad / 1
+    share = torch.div(grad, n_layers + 1, out=_scratch(buffers, "g", grad))
+    cur = share
+    for k in range(n_layers):
+        last = k == n_layers - 1  # the returned gradient gets its own memory
+        out = torch.empty_like(grad) if last else _scratch(buffers, "ab"[k % 2], grad)
+        torch.addmm(out, adjacency, cur, beta=0, out=out)
+        out.add_(share)
+        cur = out
+    return out
+
+
 class _Smooth(torch.autograd.Function):
     """LightGCN smoothing of [users; items] over a constant symmetric sparse graph: forward
     (e + A e + ... + A^L e) / (L + 1), backward the same sum of products by Horner's rule;
@@ -96,38 +141,12 @@ class _Smooth(torch.autograd.Function):
     def forward(ctx, users, items, adjacency, n_layers, buffers):  # type: ignore[override]
         ctx.adjacency, ctx.n_layers, ctx.buffers = adjacency, n_layers, buffers
         ctx.n_users = users.shape[0]
-        shape = (users.shape[0] + items.shape[0], users.shape[1])
-        ego = _scratch(buffers, "ego", users.new_empty(shape))
-        torch.cat([users, items], out=ego)
-        total = torch.empty_like(ego)
-        if n_layers == 0:
-            return torch.div(ego, 1, out=total)
-        layer = ego
-        for k in range(n_layers):
-            nxt = _scratch(buffers, "ab"[k % 2], ego)
-            torch.addmm(nxt, adjacency, layer, beta=0, out=nxt)
-            if k == 0:
-                torch.add(ego, nxt, out=total)
-            else:
-                total.add_(nxt)
-            layer = nxt
-        return total.div_(n_layers + 1)
+        total = users.new_empty((users.shape[0] + items.shape[0], users.shape[1]))
+        return _smooth_into(users, items, adjacency, n_layers, buffers, total)[1]
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        n_layers, buffers = ctx.n_layers, ctx.buffers
-        grad = grad.contiguous()
-        if n_layers == 0:
-            out = grad / 1
-        else:
-            share = torch.div(grad, n_layers + 1, out=_scratch(buffers, "g", grad))
-            cur = share
-            for k in range(n_layers):
-                last = k == n_layers - 1  # the returned gradient gets its own memory
-                out = torch.empty_like(grad) if last else _scratch(buffers, "ab"[k % 2], grad)
-                torch.addmm(out, ctx.adjacency, cur, beta=0, out=out)
-                out.add_(share)
-                cur = out
+        out = _smooth_grad(grad.contiguous(), ctx.adjacency, ctx.n_layers, ctx.buffers)
         return out[: ctx.n_users], out[ctx.n_users :], None, None, None
 
 
@@ -142,6 +161,66 @@ def smooth(
     constant symmetric sparse ``adjacency``, [U + I, d], differentiable in both inputs;
     ``buffers`` (a dict the caller keeps) holds the scratch reused by the next call."""
     return _Smooth.apply(users, items, adjacency, n_layers, buffers)
+
+
+class _SmoothRows(torch.autograd.Function):
+    """``smooth`` read at a BPR batch's rows only, with the ego embeddings at the same rows:
+    the full tables stay in reused buffers, and the backward scatters the rows' gradients
+    into one table before the products instead of autograd's zero-filled table per gather
+    and per slice. The negatives' gradients are summed on their own before they join the
+    positives', as autograd sums one table per gather, so the smoothed rows' gradients are
+    bitwise those of the gathers this replaces."""
+
+    @staticmethod
+    def forward(ctx, users, items, adjacency, n_layers, buffers, rows):  # type: ignore[override]
+        ctx.adjacency, ctx.n_layers, ctx.buffers = adjacency, n_layers, buffers
+        ctx.n_users = users.shape[0]
+        ctx.save_for_backward(rows)
+        ctx.set_materialize_grads(False)
+        shape = (users.shape[0] + items.shape[0], users.shape[1])
+        total = _scratch(buffers, "total", users.new_empty(shape))
+        ego, total = _smooth_into(users, items, adjacency, n_layers, buffers, total)
+        return total[rows], ego[rows]
+
+    @staticmethod
+    def backward(ctx, grad_smoothed, grad_ego):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        buffers, n_users = ctx.buffers, ctx.n_users
+        table = buffers["total"]  # its forward values are no longer needed
+        if grad_smoothed is None:
+            out = torch.zeros_like(table)
+        else:
+            users_pos, neg = rows.tensor_split([2 * len(rows) // 3])
+            grad_users_pos, grad_neg = grad_smoothed.tensor_split([len(users_pos)])
+            grad = _scratch(buffers, "g", table).zero_()
+            grad.index_add_(0, users_pos, grad_users_pos)
+            items = grad.shape[0] - n_users
+            negatives = _scratch(buffers, "neg", grad.new_empty((items, grad.shape[1])))
+            negatives.zero_().index_add_(0, neg - n_users, grad_neg)
+            grad[n_users:].add_(negatives)
+            out = _smooth_grad(grad, ctx.adjacency, ctx.n_layers, buffers)
+        if grad_ego is not None:
+            out.index_add_(0, rows, grad_ego)
+        return out[:n_users], out[n_users:], None, None, None, None
+
+
+def smooth_rows(
+    users: torch.Tensor,
+    items: torch.Tensor,
+    adjacency: torch.Tensor,
+    n_layers: int,
+    buffers: dict[str, Any],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a BPR ``batch`` (users, positive items, negative items; [B] each): the rows of
+    ``smooth(...)`` and of [users; items] at those users then items, [3B, d] each,
+    differentiable in ``users`` and ``items``, for a training loss that reads only them.
+    Values are bitwise the gathers', and so are the gradients through the smoothed rows;
+    through the ego rows they may differ in the order a row's contributions are summed."""
+    user_rows, pos, neg = batch
+    n_users = users.shape[0]
+    rows = torch.cat([user_rows, pos + n_users, neg + n_users])
+    return _SmoothRows.apply(users, items, adjacency, n_layers, buffers, rows)
 
 
 def row_slice(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -159,24 +238,33 @@ def row_slice(matrix: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 
 class _RowsSpMM(torch.autograd.Function):
-    """``(matrix @ x)[rows]`` through the row slice alone: the backward multiplies by the
-    slice's transpose, so neither pass touches the other rows."""
+    """``(matrix @ x)[rows]`` through the row slice alone; the backward scatters the rows'
+    gradient into a zero table and multiplies it by the whole transposed matrix, given:
+    each output row then sums the same terms in the same order as the slice's transpose
+    would (the other rows add exact zeros), without transposing the slice, which sorts its
+    entries every step."""
 
     @staticmethod
-    def forward(ctx, matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor):
-        sliced = row_slice(matrix, rows)
-        ctx.sliced = sliced
-        return sliced @ x
+    def forward(ctx, matrix, rows, x, transposed):  # type: ignore[override]
+        ctx.transposed = transposed
+        ctx.save_for_backward(rows)
+        return row_slice(matrix, rows) @ x
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return None, None, ctx.sliced.t() @ grad
+    def backward(ctx, grad):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        transposed = ctx.transposed
+        full = grad.new_zeros((transposed.shape[1], grad.shape[1]))
+        full.index_add_(0, rows, grad)
+        return None, None, transposed @ full, None
 
 
-def rows_spmm(matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``(matrix @ x)[rows]`` for a constant CSR ``matrix``, differentiable in ``x``, at the
-    cost of the ``rows`` only."""
-    return _RowsSpMM.apply(matrix, rows, x)
+def rows_spmm(
+    matrix: torch.Tensor, rows: torch.Tensor, x: torch.Tensor, transposed: torch.Tensor
+) -> torch.Tensor:
+    """``(matrix @ x)[rows]`` for a constant CSR ``matrix`` whose CSR ``transposed`` is given,
+    differentiable in ``x``; the forward costs the ``rows`` (distinct) only."""
+    return _RowsSpMM.apply(matrix, rows, x, transposed)
 
 
 def bipartite_blocks(adjacency: torch.Tensor, n_users: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +283,7 @@ def bipartite_blocks(adjacency: torch.Tensor, n_users: int) -> tuple[torch.Tenso
         coo = torch.sparse_coo_tensor(
             index[:, keep] - offset, values[keep], shape, is_coalesced=True, check_invariants=False
         )
-        blocks.append(to_csr(coo))
+        blocks.append(compact_csr(coo))
     return blocks[0], blocks[1]
 
 
@@ -225,11 +313,11 @@ def propagate_bipartite(
         last = layer == n_layers
         on_users, on_items = user_side[-1], item_side[-1]
         if last and user_rows is not None:
-            user_side.append(rows_spmm(user_items, user_rows, on_items))
+            user_side.append(rows_spmm(user_items, user_rows, on_items, item_users))
         else:
             user_side.append(constant_spmm(user_items, on_items, item_users))
         if last and item_rows is not None:
-            item_side.append(rows_spmm(item_users, item_rows, on_users))
+            item_side.append(rows_spmm(item_users, item_rows, on_users, user_items))
         else:
             item_side.append(constant_spmm(item_users, on_users, user_items))
     outputs = []

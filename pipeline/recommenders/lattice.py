@@ -49,6 +49,7 @@ from pipeline.recommenders.graph import (
     knn_neighbours,
     normalized_adjacency,
     smooth,
+    smooth_rows,
     sym_normalize,
     to_csr,
 )
@@ -214,19 +215,24 @@ class LATTICE(GraphRecommender):
             torch.cat(indices, dim=1), torch.cat(values), shape, check_invariants=False
         ).coalesce()
 
-    def propagate(
-        self, graph: torch.Tensor, transposed: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """User [U, d] and item [N, d] embeddings given the item graph: a COO ``graph``
-        (gradients reach its values) or a constant CSR one with its CSR ``transposed``. The
-        item side is A^n_layers h (no mean over layers, unlike ``graph.propagate``), the
-        user-item side LightGCN's ``graph.smooth``."""
+    def convolve(self, graph: torch.Tensor, transposed: torch.Tensor | None = None) -> torch.Tensor:
+        """The item ID embeddings convolved over the item graph and L2-normalised, [N, d]:
+        a COO ``graph`` (gradients reach its values) or a constant CSR one with its CSR
+        ``transposed``. A plain power A^n_layers h, not the mean over layers of
+        ``graph.propagate``."""
         h = self.item_embedding.weight
         for _ in range(self.config.n_layers):
             if transposed is None:
                 h = edge_spmm(graph.indices(), graph.values(), h, self.n_items)
             else:
                 h = constant_spmm(graph, h, transposed)
+        return F.normalize(h, dim=1)
+
+    def propagate(
+        self, graph: torch.Tensor, transposed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """User [U, d] and item [N, d] embeddings given the item graph (as ``convolve``)."""
+        convolved = self.convolve(graph, transposed)
         mean = smooth(
             self.user_embedding.weight,
             self.item_embedding.weight,
@@ -235,19 +241,28 @@ class LATTICE(GraphRecommender):
             self._scratch,
         )
         users, items = mean.split([self.n_users, self.n_items])
-        return users, items + F.normalize(h, dim=1)
+        return users, items + convolved
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR + reg_weight * halved squared L2 of the batch's propagated embeddings; the
         epoch's first batch rebuilds the item graph and trains through it."""
         if self._graph is None:
             graph = self.item_graph()
-            user_emb, item_emb = self.propagate(graph)
+            convolved = self.convolve(graph)
             detached = graph.detach()
             self._graph = (compact_csr(detached), compact_csr(detached.t().coalesce()))
         else:
-            user_emb, item_emb = self.propagate(*self._graph)
-        u, p, n = user_emb[users], item_emb[pos], item_emb[neg]
+            convolved = self.convolve(*self._graph)
+        mean, _ = smooth_rows(
+            self.user_embedding.weight,
+            self.item_embedding.weight,
+            self.ui_graph,
+            self.config.n_ui_layers,
+            self._scratch,
+            (users, pos, neg),
+        )
+        u, p, n = mean.chunk(3)  # the batch's rows of propagate's tables, [B, d] each
+        p, n = p + convolved[pos], n + convolved[neg]
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
         return ranking + self.config.reg_weight * l2_reg(u, p, n, squared=True)
 

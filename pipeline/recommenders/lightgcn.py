@@ -9,9 +9,10 @@ embeddings. MMRec grid-searches n_layers {1, 2, 3, 4} and reg_weight {1e-2, ...,
 Departs from MMRec only in caching the propagated embeddings while in eval mode (MMRec
 re-propagates for every batch of evaluated users) and in multiplying by a CSR graph whose
 backward is one more product with the same (symmetric) graph, not a COO transpose per step.
-The propagation is one autograd node (``pipeline.recommenders.graph.smooth``) that writes its sparse
-products into buffers reused from step to step, with the float operations of the
-layer-by-layer graph.
+The propagation is one autograd node (``pipeline.recommenders.graph.smooth``) that writes
+its sparse products into buffers reused from step to step, with the float operations of the
+layer-by-layer graph; in training it returns only the batch's rows (``smooth_rows``), whose
+gradients are scattered into one table before the backward products.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch import nn
 from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
-from pipeline.recommenders.graph import compact_csr, normalized_adjacency, smooth
+from pipeline.recommenders.graph import compact_csr, normalized_adjacency, smooth, smooth_rows
 from pipeline.recommenders.losses import bpr_loss, l2_reg
 
 
@@ -73,11 +74,17 @@ class LightGCN(GraphRecommender):
 
     def loss(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
         """BPR loss on propagated embeddings + reg_weight * EmbLoss on the layer-0 ones."""
-        user_all, item_all = self.forward()
-        u, p, n = user_all[users], item_all[pos], item_all[neg]  # [B, d] each
+        final, ego = smooth_rows(
+            self.user_embedding,
+            self.item_embedding,
+            self.adjacency,
+            self.config.n_layers,
+            self._scratch,
+            (users, pos, neg),
+        )
+        u, p, n = final.chunk(3)  # [B, d] each
         ranking = bpr_loss((u * p).sum(dim=1), (u * n).sum(dim=1))
-        ego = (self.user_embedding[users], self.item_embedding[pos], self.item_embedding[neg])
-        return ranking + self.config.reg_weight * l2_reg(*ego)
+        return ranking + self.config.reg_weight * l2_reg(*ego.chunk(3))
 
     def score(self, users: torch.Tensor) -> torch.Tensor:
         """Inner products of the propagated embeddings with every item, [B, n_items]."""

@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.data.interactions import InteractionData
 from pipeline.recommenders import register_recommender
 from pipeline.recommenders.base import EmbeddingConfig, GraphRecommender, ItemFeatures
-from pipeline.recommenders.graph import constant_spmm, rows_spmm, to_csr
+from pipeline.recommenders.graph import compact_csr, constant_spmm, rows_spmm
 from pipeline.recommenders.losses import bpr_loss
 
 
@@ -68,7 +68,7 @@ def mean_adjacency(data: InteractionData) -> tuple[torch.Tensor, torch.Tensor]:
     n = data.n_users + data.n_items
     values = 1.0 / torch.bincount(index[0], minlength=n).float()[index[0]]
     coo = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
-    return to_csr(coo), to_csr(coo.t().coalesce())
+    return compact_csr(coo), compact_csr(coo.t().coalesce())
 
 
 def _weight(rows: int, cols: int, learn: bool = True) -> nn.Parameter:
@@ -114,7 +114,8 @@ class ModalityGCN(nn.Module):
         ):
             ids = id_embedding
             if layer == last and rows is not None:  # the graph product of those rows alone
-                mean, x, ids = rows_spmm(adjacency[0], rows, x), x[rows], id_embedding[rows]
+                mean = rows_spmm(adjacency[0], rows, x, adjacency[1])
+                x, ids = x[rows], id_embedding[rows]
             else:
                 mean = constant_spmm(adjacency[0], x, adjacency[1])  # (A x) W = A (x W)
             # in place where autograd keeps what the backward reads: the same values, without a
