@@ -17,9 +17,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from ruamel.yaml import YAML
+from timing import ROOT
+
 PURE = (
     "import ruamel.yaml.main as m; init = m.YAML.__init__; "
     "m.YAML.__init__ = lambda self, *a, **k: init(self, *a, **{**k, 'pure': True}); "
@@ -29,8 +30,6 @@ DVC = "import sys; from dvc.cli import main; sys.exit(main(['status', '-q']))"
 
 def parse_seconds(text: str, pure: bool) -> float:
     """Seconds of one safe-mode parse of ``text``."""
-    from ruamel.yaml import YAML
-
     yaml = YAML(typ="safe", pure=pure)
     start = time.perf_counter()
     yaml.load(text)
@@ -50,8 +49,6 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=5, help="alternations (median of each)")
     opts = parser.parse_args()
-    from ruamel.yaml.main import YAML
-
     if YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.parser"):
         sys.exit("ruamel.yaml.clib is not installed here: run `make install`")
     lock = ROOT / "dvc.lock"
