@@ -314,7 +314,6 @@ def test_a_run_writes_the_run_contract_and_the_trained_encoder(tmp_path):
 def test_a_run_that_fails_to_save_its_encoder_leaves_the_earlier_run(tmp_path, monkeypatch):
     from test_training import files_under
 
-    monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
     data = clustered(30, N_ITEMS, 6, 3)
     one_epoch = replace(TRAIN, max_epochs=1)
 
@@ -341,7 +340,6 @@ def test_a_run_that_fails_to_save_its_encoder_leaves_the_earlier_run(tmp_path, m
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(e2e, tmp_path, monkeypatch):
     from test_resume import Interrupted, interrupt_after, outputs
 
-    monkeypatch.chdir(tmp_path)  # dvclive probes the repository of the working directory
     monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)  # save at every evaluation
     data = clustered(30, N_ITEMS, 6, 3)
     cfg = TrainConfig(

@@ -32,12 +32,6 @@ class Interrupted(Exception):
 
 
 @pytest.fixture(autouse=True)
-def _outside_repo(tmp_path, monkeypatch):
-    """dvclive probes the DVC/git repository of the working directory; keep it out of ours."""
-    monkeypatch.chdir(tmp_path)
-
-
-@pytest.fixture(autouse=True)
 def _checkpoint_every_evaluation(monkeypatch):
     """These runs take milliseconds an epoch: save at every evaluation, as a slow run does."""
     monkeypatch.setattr(training, "CHECKPOINT_INTERVAL_S", 0.0)

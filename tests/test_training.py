@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from scmrepo.exceptions import SCMError
 from test_same_bytes import assert_same_bytes
 from torch import nn
 
@@ -21,12 +20,6 @@ from pipeline.training.trainer import NonFiniteLossError, TrainConfig, train, tr
 
 TOPK = (5, 10, 20)
 FAST = TrainConfig(lr=0.02, batch_size=64, max_epochs=6, patience=2, topk=TOPK, device="cpu")
-
-
-@pytest.fixture(autouse=True)
-def _outside_repo(tmp_path, monkeypatch):
-    """dvclive probes the DVC/git repository of the working directory; keep it out of ours."""
-    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +161,7 @@ def test_a_failed_run_leaves_the_folder_as_it_was(data, tmp_path, monkeypatch):
     assert files_under(tmp_path) == before  # a failed first run leaves no folder
 
 
-def test_a_run_replaces_the_folder_as_a_whole(data, tmp_path, monkeypatch):
+def test_a_run_replaces_the_folder_as_a_whole(data, tmp_path):
     cfg = TrainConfig(batch_size=256, max_epochs=2, topk=TOPK)
     first, second = tmp_path / "first", tmp_path / "second"
     train(Constant.build(data, None, {}), data, cfg, first)
@@ -177,14 +170,15 @@ def test_a_run_replaces_the_folder_as_a_whole(data, tmp_path, monkeypatch):
     for name in ("model.pt", "per_user.parquet", "dvclive/plots/metrics/loss.tsv"):
         assert (first / name).read_bytes() == (second / name).read_bytes(), name
 
-    def refuse(**kwargs):
-        raise SCMError("Empty git repo")
-
-    monkeypatch.setattr("pipeline.training.trainer.Live", refuse)
-    train(Constant.build(data, None, {}), data, cfg, first)
+    (first / "dvclive" / "plots" / "metrics" / "old_metric.tsv").write_text("step\told_metric\n")
+    shorter = TrainConfig(batch_size=256, max_epochs=1, topk=TOPK)
+    train(Constant.build(data, None, {}), data, shorter, first)
     kept = sorted(p.name for p in first.iterdir())
-    assert kept == [".gitignore", "metrics.json", "model.pt", "per_user.parquet"]
-    # the earlier run's dvclive log went with it; DVC's .gitignore stays
+    assert kept == [".gitignore", "dvclive", "metrics.json", "model.pt", "per_user.parquet"]
+    # the earlier run's longer curves and stray files went with it; DVC's .gitignore stays
+    plots = first / "dvclive" / "plots" / "metrics"
+    assert not (plots / "old_metric.tsv").exists()
+    assert (plots / "loss.tsv").read_text().splitlines() == ["step\tloss", "0\t1.0"]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -200,16 +194,23 @@ def test_a_folder_holding_other_files_is_refused_before_training(data, tmp_path)
         train(Diverging.build(data, None, {}), data, cfg, out / "notes.txt")
 
 
-def test_training_goes_on_when_dvclive_cannot_start(data, tmp_path, monkeypatch, caplog):
-    def refuse(**kwargs):
-        raise SCMError("Empty git repo")
-
-    monkeypatch.setattr("pipeline.training.trainer.Live", refuse)
-    cfg = TrainConfig(batch_size=256, max_epochs=2, topk=TOPK)
-    metrics = train(Constant.build(data, None, {}), data, cfg, tmp_path)
-    assert metrics["epochs"] == 2 and (tmp_path / "metrics.json").exists()
-    assert not (tmp_path / "dvclive").exists()
-    assert "dvclive unavailable (Empty git repo)" in caplog.text
+def test_curves_are_written_in_dvclive_layout(data, tmp_path):
+    """`dvc plots` (dvc.yaml's plots) and the report read these files: one TSV per metric with a
+    row for each epoch that logged it, and the latest values with the last step."""
+    cfg = TrainConfig(batch_size=256, max_epochs=4, eval_every=2, topk=TOPK)
+    train(Constant.build(data, None, {"loss_value": 0.25}), data, cfg, tmp_path)
+    plots = tmp_path / "dvclive" / "plots" / "metrics"
+    assert (plots / "loss.tsv").read_text() == "step\tloss\n0\t0.25\n1\t0.25\n2\t0.25\n3\t0.25\n"
+    recall = (plots / "valid_recall@20.tsv").read_text().splitlines()
+    assert recall[0] == "step\tvalid_recall@20"
+    assert [row.split("\t")[0] for row in recall[1:]] == ["1", "3"]  # the evaluated epochs
+    assert sorted(p.name for p in plots.iterdir()) == sorted(
+        ["loss.tsv"] + [f"valid_{m}@{k}.tsv" for k in TOPK for m in ("recall", "ndcg")]
+    )
+    summary = json.loads((tmp_path / "dvclive" / "metrics.json").read_text())
+    assert list(summary)[0] == "loss" and list(summary)[-1] == "step"
+    assert summary["step"] == 3 and summary["loss"] == 0.25
+    assert summary["valid_recall@20"] == float(recall[-1].split("\t")[1])
 
 
 def test_bad_names_and_settings_raise(data, tmp_path):

@@ -26,8 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from dvclive import Live
-from scmrepo.exceptions import SCMError
 from tqdm import tqdm
 
 from pipeline.core.atomic import atomic_path, replaced_folder, write_json
@@ -38,6 +36,7 @@ from pipeline.data.interactions import InteractionData, load_interactions
 from pipeline.features.names import ID_ONLY
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
+from pipeline.training.curves import write_curves
 from pipeline.training.evaluation import METRICS, EvalResult, check_topk, evaluate
 from pipeline.training.optimizer import FusedAdam
 from pipeline.training.sampling import epoch_batches
@@ -47,7 +46,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 PER_USER_FILE = "per_user.parquet"
 MODEL_FILE = "model.pt"
-DVCLIVE_DIR = "dvclive"
+DVCLIVE_DIR = "dvclive"  # the curves (``curves.write_curves``), named as dvc.yaml's plots
 OUTPUTS = (METRICS_FILE, PER_USER_FILE, MODEL_FILE, DVCLIVE_DIR)  # what ``train`` writes
 # seconds of training between checkpoints: an interruption redoes at most this much, and a
 # short run's epochs (~0.1-0.5 s in the demo) no longer pay ~30 ms each for a checkpoint
@@ -91,35 +90,6 @@ class TrainConfig:
                 raise ValueError(
                     f"device = {self.device!r}; use auto, cpu, cuda or cuda:N"
                 ) from exc
-
-
-class _NoLive:
-    """Stands in for dvclive's Live when it cannot start; drops what is logged."""
-
-    def __enter__(self) -> _NoLive:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def log_metric(self, name: str, value: float) -> None:
-        return None
-
-    def next_step(self) -> None:
-        return None
-
-
-def open_live(directory: Path) -> Live | _NoLive:
-    """A dvclive logger writing ``directory`` only: no experiment saved, no dvc.yaml written.
-
-    Live's DVC probe fails inside a git repository without commits (scmrepo's "Empty git
-    repo"); training then goes on without the per-epoch plots, with a warning.
-    """
-    try:
-        return Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, report=None)
-    except SCMError as exc:
-        log.warning("dvclive unavailable (%s): per-epoch plots are not written", exc)
-        return _NoLive()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -222,7 +192,7 @@ class _Progress:
     best_state: dict[str, torch.Tensor] | None = None  # weights of best_epoch, on cpu
     stale: int = 0  # evaluations in a row without gain
     seconds: float = 0.0  # wall-clock spent by earlier, interrupted processes
-    history: list[dict[str, float]] = field(default_factory=list)  # dvclive rows, one a step
+    history: list[dict[str, float]] = field(default_factory=list)  # curve rows, one an epoch
 
 
 def _digest(arrays: Iterable[np.ndarray | torch.Tensor]) -> str:
@@ -362,12 +332,6 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict | None:
     return checkpoint
 
 
-def _log_step(live: Live | _NoLive, row: Mapping[str, float]) -> None:
-    for name, value in row.items():
-        live.log_metric(name, value)
-    live.next_step()
-
-
 def train(
     model: Recommender,
     data: InteractionData,
@@ -378,7 +342,8 @@ def train(
     extra_outputs: Mapping[str, Callable[[Path], None]] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` with early stopping on validation, test the best epoch once, and write
-    ``metrics.json``, ``per_user.parquet``, ``model.pt`` and a dvclive log as ``out_dir``.
+    ``metrics.json``, ``per_user.parquet``, ``model.pt`` and the curves (``dvclive/``) as
+    ``out_dir``.
 
     Everything is written into a temporary sibling folder that replaces ``out_dir`` as a whole
     once the run has succeeded (``replaced_folder``): a run that fails (a NaN loss, an
@@ -387,7 +352,7 @@ def train(
     (e2e's encoder), so they are replaced together.
 
     With ``checkpoint_path``, the state of the run (weights, optimizer, random generators,
-    early-stopping counters, the dvclive rows) is saved there after an evaluation once
+    early-stopping counters, the curve rows) is saved there after an evaluation once
     ``CHECKPOINT_INTERVAL_S`` seconds have passed since the run began or was last saved, and a
     run that finds a checkpoint of the same model, configs, code, data and initial tensors
     there continues from it, with the result of an uninterrupted run (a checkpoint of another run
@@ -451,58 +416,54 @@ def _fit(
         log.info("resuming %s after epoch %d from %s", model.name, progress.epoch, checkpoint_path)
 
     started = saved_at = time.perf_counter()
-    with open_live(folder / DVCLIVE_DIR) if world.is_main else _NoLive() as live:
-        for row in progress.history:
-            _log_step(live, row)
-        bar = tqdm(
-            total=cfg.max_epochs,
-            initial=progress.epoch,
-            desc=model.name,
-            disable=None if world.is_main else True,
-        )
-        while progress.epoch < cfg.max_epochs and not _stops(progress, cfg):
-            epoch = progress.epoch + 1
-            epoch_start = time.perf_counter()
-            row = {"loss": _train_epoch(model, optimizer, data, cfg, epoch, device, world)}
-            evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs
-            if evaluated:
-                valid = _evaluate(model, data, "valid", cfg, device).means
-                value = valid[cfg.valid_metric]
-                for k in cfg.topk:
-                    row[f"valid_recall@{k}"] = valid[f"recall@{k}"]
-                    row[f"valid_ndcg@{k}"] = valid[f"ndcg@{k}"]
-                if value > progress.best:
-                    progress.best, progress.best_epoch, progress.stale = value, epoch, 0
-                    progress.best_state = {
-                        k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                    }
-                else:
-                    progress.stale += 1
-                log.info(
-                    "epoch %d: loss %.5f, valid %s %.5f (best %.5f at epoch %d), %.2f s",
-                    epoch,
-                    row["loss"],
-                    cfg.valid_metric,
-                    value,
-                    progress.best,
-                    progress.best_epoch,
-                    time.perf_counter() - epoch_start,
-                )
-            _log_step(live, row)
-            progress.history.append(row)
-            progress.epoch = epoch
-            bar.update()
-            now = time.perf_counter()
-            due = now - saved_at >= CHECKPOINT_INTERVAL_S
-            if evaluated and due and checkpoint_path is not None and world.is_main:
-                saved = dataclasses.replace(progress, seconds=progress.seconds + now - started)
-                _save_checkpoint(checkpoint_path, fingerprint, saved, model, optimizer)
-                saved_at = now
-            if _stops(progress, cfg):
-                log.info(
-                    "early stop at epoch %d: no gain for %d evaluations", epoch, progress.stale
-                )
-        bar.close()
+    bar = tqdm(
+        total=cfg.max_epochs,
+        initial=progress.epoch,
+        desc=model.name,
+        disable=None if world.is_main else True,
+    )
+    while progress.epoch < cfg.max_epochs and not _stops(progress, cfg):
+        epoch = progress.epoch + 1
+        epoch_start = time.perf_counter()
+        row = {"loss": _train_epoch(model, optimizer, data, cfg, epoch, device, world)}
+        evaluated = epoch % cfg.eval_every == 0 or epoch == cfg.max_epochs
+        if evaluated:
+            valid = _evaluate(model, data, "valid", cfg, device).means
+            value = valid[cfg.valid_metric]
+            for k in cfg.topk:
+                row[f"valid_recall@{k}"] = valid[f"recall@{k}"]
+                row[f"valid_ndcg@{k}"] = valid[f"ndcg@{k}"]
+            if value > progress.best:
+                progress.best, progress.best_epoch, progress.stale = value, epoch, 0
+                progress.best_state = {
+                    k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                }
+            else:
+                progress.stale += 1
+            log.info(
+                "epoch %d: loss %.5f, valid %s %.5f (best %.5f at epoch %d), %.2f s",
+                epoch,
+                row["loss"],
+                cfg.valid_metric,
+                value,
+                progress.best,
+                progress.best_epoch,
+                time.perf_counter() - epoch_start,
+            )
+        progress.history.append(row)
+        progress.epoch = epoch
+        bar.update()
+        now = time.perf_counter()
+        due = now - saved_at >= CHECKPOINT_INTERVAL_S
+        if evaluated and due and checkpoint_path is not None and world.is_main:
+            saved = dataclasses.replace(progress, seconds=progress.seconds + now - started)
+            _save_checkpoint(checkpoint_path, fingerprint, saved, model, optimizer)
+            saved_at = now
+        if _stops(progress, cfg):
+            log.info(
+                "early stop at epoch %d: no gain for %d evaluations", epoch, progress.stale
+            )
+    bar.close()
 
     model.load_state_dict(progress.best_state)
     test = _evaluate(model, data, "test", cfg, device)
@@ -515,6 +476,7 @@ def _fit(
         "%s trained and tested in %.2f s (epochs: %d)",
         model.name, progress.seconds + time.perf_counter() - started, progress.epoch,
     )  # fmt: skip
+    write_curves(folder / DVCLIVE_DIR, progress.history)
     test.write_parquet(folder / PER_USER_FILE)
     with atomic_path(folder / MODEL_FILE) as tmp:  # torch.save names its archive after tmp
         torch.save(model.saved_state(progress.best_state), tmp)
