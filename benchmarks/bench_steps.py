@@ -324,6 +324,13 @@ def worker_main(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import pipeline
 
+    try:  # the allocator policy `lmmrec` sets at start; a checkout before it has none
+        from pipeline.core.memory import keep_freed_memory
+    except ModuleNotFoundError:
+        pass
+    else:
+        keep_freed_memory()
+
     worker = Worker(Path(args.worker), args.batch_size, args.seed)
     reply = {"pipeline": str(Path(pipeline.__file__).parent), "sampling_s": worker.sampling_s}
     print(REPLY + json.dumps(reply), flush=True)

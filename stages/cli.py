@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from pipeline.core.memory import keep_freed_memory
 from stages.params import DEFAULT_PARAMS
 
 app = typer.Typer(
@@ -58,6 +59,7 @@ def _setup(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    keep_freed_memory()  # before any stage allocates: large tensors then reuse freed memory
 
 
 @contextmanager
