@@ -3,7 +3,6 @@ validation curves (a line per seed)."""
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.core.atomic import atomic_path  # noqa: E402
 from pipeline.report.significance import Cell, Run, mean_ci, present_settings  # noqa: E402
+from pipeline.training import curves  # noqa: E402
 
-CURVE_METRIC = "valid_recall@20"  # what early stopping watches, logged each epoch by dvclive
+CURVE_METRIC = "valid_recall@20"  # what early stopping watches, a curve of every run
 
 
 def _save(fig, path: Path) -> None:
@@ -61,15 +61,10 @@ def bar_plot(cells: Sequence[Cell], settings: Sequence[str], metric: str, path: 
 
 
 def read_curve(run: Run, metric: str = CURVE_METRIC) -> tuple[list[int], list[float]]:
-    """(epochs, values) of ``metric`` from the run's dvclive log; empty when it has none."""
+    """(epochs, values) of ``metric`` from the run's curves; empty when it has none."""
     if run.path is None:
         return [], []
-    tsv = run.path / "dvclive" / "plots" / "metrics" / f"{metric}.tsv"
-    if not tsv.is_file():
-        return [], []
-    with tsv.open() as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
-    return [int(r["step"]) for r in rows], [float(r[metric]) for r in rows]
+    return curves.read_curve(run.path, metric)
 
 
 def curve_plot(

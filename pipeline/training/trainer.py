@@ -36,7 +36,7 @@ from pipeline.data.interactions import InteractionData, load_interactions
 from pipeline.features.names import ID_ONLY
 from pipeline.recommenders import get_recommender
 from pipeline.recommenders.base import ItemFeatures, Recommender
-from pipeline.training.curves import write_curves
+from pipeline.training.curves import CURVES_DIR, write_curves
 from pipeline.training.evaluation import METRICS, EvalResult, check_topk, evaluate
 from pipeline.training.optimizer import FusedAdam
 from pipeline.training.sampling import epoch_batches
@@ -46,8 +46,7 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 PER_USER_FILE = "per_user.parquet"
 MODEL_FILE = "model.pt"
-DVCLIVE_DIR = "dvclive"  # the curves (``curves.write_curves``), named as dvc.yaml's plots
-OUTPUTS = (METRICS_FILE, PER_USER_FILE, MODEL_FILE, DVCLIVE_DIR)  # what ``train`` writes
+OUTPUTS = (METRICS_FILE, PER_USER_FILE, MODEL_FILE, CURVES_DIR)  # what ``train`` writes
 # seconds of training between checkpoints: an interruption redoes at most this much, and a
 # short run's epochs (~0.1-0.5 s in the demo) no longer pay ~30 ms each for a checkpoint
 CHECKPOINT_INTERVAL_S = 10.0
@@ -476,7 +475,7 @@ def _fit(
         "%s trained and tested in %.2f s (epochs: %d)",
         model.name, progress.seconds + time.perf_counter() - started, progress.epoch,
     )  # fmt: skip
-    write_curves(folder / DVCLIVE_DIR, progress.history)
+    write_curves(folder, progress.history)
     test.write_parquet(folder / PER_USER_FILE)
     with atomic_path(folder / MODEL_FILE) as tmp:  # torch.save names its archive after tmp
         torch.save(model.saved_state(progress.best_state), tmp)
