@@ -171,7 +171,7 @@ def pretrain_cnn(
     valid, train = order[: cfg.holdout_pairs], order[cfg.holdout_pairs :]
     batch_size = min(cfg.batch_size, len(train))
     steps_per_epoch = len(train) // batch_size
-    opt = torch.optim.AdamW(_param_groups([cnn, heads], cfg.weight_decay), lr=cfg.lr)
+    opt = torch.optim.AdamW(_param_groups([cnn, heads], cfg.weight_decay), lr=cfg.lr, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt,
         max_lr=cfg.lr,

@@ -230,9 +230,12 @@ def train_pairs(
     if steps_per_epoch < 1:
         raise ValueError(f"{len(train)} training pairs < one step of {micro} x {cfg.grad_accum}")
     total_steps = steps_per_epoch * cfg.epochs
+    # fused: one kernel a parameter; torch's CPU default is a per-tensor loop (~12% of a demo
+    # CLIP step) with the same update up to the last float bits
     opt = torch.optim.AdamW(
-        _param_groups(encoder, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
-    )
+        _param_groups(encoder, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+        fused=True,
+    )  # fmt: skip
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(cfg.warmup_steps, total_steps))
     history: dict[str, list[float]] = {"loss": [], "lr": []}
 
