@@ -219,10 +219,12 @@ def test_bad_config_names_the_field():
 
 
 def test_corpus_is_deterministic_and_broader_than_the_shop():
-    cfg = CorpusConfig(n_pairs=300)
-    a, b = pretraining_corpus(cfg), pretraining_corpus(cfg)
+    cfg = CorpusConfig(n_pairs=300)  # two chunks: rendered by two processes, then by this one
+    a, b = pretraining_corpus(cfg, workers=2), pretraining_corpus(cfg, workers=1)
     assert len(a) == 300 and a.captions == b.captions
     assert all(x.tobytes() == y.tobytes() for x, y in zip(a.images, b.images, strict=True))
+    for name, labels in a.attributes.items():
+        assert np.array_equal(labels, b.attributes[name]), name
     assert all(im.mode == "RGB" and im.size == (64, 64) for im in a.images)
     other = pretraining_corpus(CorpusConfig(n_pairs=300, seed=cfg.seed + 1))
     assert other.captions != a.captions

@@ -8,7 +8,10 @@ brand or material. Per-pair integer labels support supervised CNN pretraining.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
 import re
 from dataclasses import dataclass
 
@@ -26,6 +29,8 @@ from pipeline.data.demo.attributes import (
 from pipeline.data.demo.render import Look, render_item
 
 log = logging.getLogger(__name__)
+
+CHUNK = 250  # pairs a rendering process takes at a time
 
 CAPTIONS = (
     "a {colour} {pattern_adj} {type}",
@@ -98,18 +103,53 @@ def caption(rng: np.random.Generator, values: dict[str, str], cfg: CorpusConfig)
     return text[0].upper() + text[1:] if rng.random() < 0.3 else text
 
 
-def pretraining_corpus(cfg: CorpusConfig) -> Corpus:
-    """Generate ``cfg.n_pairs`` image–caption pairs over the broad vocabulary, deterministically."""
-    labels = {name: np.empty(cfg.n_pairs, np.int64) for name in ATTRIBUTES}
-    images, captions = [], []
-    for i in tqdm(range(cfg.n_pairs), desc="pretraining corpus", disable=None):
+def _render_pairs(cfg: CorpusConfig, start: int, stop: int) -> tuple[list, list, dict]:
+    """Pairs ``start`` to ``stop`` - 1: their pixels ([S, S, 3] uint8 arrays), captions and
+    labels. Pair i draws from its own generator, so any split of the range gives the same
+    pairs."""
+    labels = {name: np.empty(stop - start, np.int64) for name in ATTRIBUTES}
+    pixels, captions = [], []
+    for i in range(start, stop):
         rng = np.random.default_rng([cfg.seed, i])
         values = {}
         for name, attr in ATTRIBUTES.items():
-            labels[name][i] = rng.integers(len(attr.values))
-            values[name] = attr.values[labels[name][i]]
+            labels[name][i - start] = rng.integers(len(attr.values))
+            values[name] = attr.values[labels[name][i - start]]
         look = Look(values["colour"], values["pattern"], values["shape"], values["product_type"])
-        images.append(render_item(look, cfg.image_size, rng))
+        pixels.append(np.asarray(render_item(look, cfg.image_size, rng)))
         captions.append(caption(rng, values, cfg))
+    return pixels, captions, labels
+
+
+def _render_chunk(task: tuple[CorpusConfig, int, int]) -> tuple[list, list, dict]:
+    return _render_pairs(*task)
+
+
+def pretraining_corpus(cfg: CorpusConfig, workers: int | None = None) -> Corpus:
+    """Generate ``cfg.n_pairs`` image–caption pairs over the broad vocabulary, deterministically:
+    the same pairs for any number of rendering ``workers`` (processes; None: one per CPU this
+    process may use, 1: render here)."""
+    if workers is None:
+        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    if "fork" not in multiprocessing.get_all_start_methods():
+        workers = 1
+    bounds = list(range(0, cfg.n_pairs, CHUNK)) + [cfg.n_pairs]
+    tasks = [(cfg, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    workers = max(1, min(workers, len(tasks)))
+    bar = tqdm(total=cfg.n_pairs, desc="pretraining corpus", disable=None)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:  # forked: the workers run numpy and PIL only, never torch
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+            chunks = pool.imap(_render_chunk, tasks)
+        else:
+            chunks = map(_render_chunk, tasks)
+        images, captions, parts = [], [], []
+        for pixels, texts, labels in chunks:
+            images += [Image.fromarray(p, "RGB") for p in pixels]
+            captions += texts
+            parts.append(labels)
+            bar.update(len(texts))
+    bar.close()
+    labels = {name: np.concatenate([part[name] for part in parts]) for name in ATTRIBUTES}
     log.info("pretraining corpus: %d pairs at %dpx", cfg.n_pairs, cfg.image_size)
     return Corpus(images=images, captions=captions, attributes=labels)
