@@ -14,8 +14,9 @@ export DVC_NO_ANALYTICS := 1
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install -e '.[dev]'
+# uv with pip's own sources (index, local wheel folders, constraints): ~3x faster than pip
+$(STAMP): pyproject.toml tools/install.py | $(BIN)/python
+	$(BIN)/python tools/install.py -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
