@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import yaml
-from timing import ensure_worktree
+from timing import base_tree, ensure_worktree
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINED = re.compile(r"trained and tested in ([0-9.]+) s")
@@ -70,13 +70,15 @@ def run_stage(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-rev", default="fc2e3fb", help="the code before (default fc2e3fb)")
-    parser.add_argument("--base-tree", type=Path, default=Path("/work/base-fc2e3fb"))
+    parser.add_argument(
+        "--base-tree", type=Path, help="its git worktree (default: ../base-<rev>, made if missing)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="alternations old/new (default 5)")
     args = parser.parse_args()
     for feature_set in RUNS.values():
         if feature_set != "id" and not (ROOT / "features/demo" / feature_set).is_dir():
             sys.exit(f"features/demo/{feature_set} is missing: run `make repro` first")
-    args.base_tree = args.base_tree.resolve()
+    args.base_tree = base_tree(args.base_tree, args.base_rev)
     ensure_worktree(args.base_tree, args.base_rev)
     sides = {"old": args.base_tree, "new": ROOT}
     print(f"old = {args.base_rev} ({args.base_tree}), new = {ROOT}; {args.rounds} rounds, "

@@ -511,7 +511,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--seed", type=int, default=2022)
     parser.add_argument("--base-rev", default="e9c98f8", help="the code before (default e9c98f8)")
-    parser.add_argument("--base-tree", type=Path, default=Path("/work/base-e9c98f8"))
+    parser.add_argument(
+        "--base-tree", type=Path, help="its git worktree (default: ../base-<rev>, made if missing)"
+    )
     parser.add_argument(
         "--budget", type=float, default=8.0, help="seconds of timed steps per side and model"
     )
@@ -525,10 +527,10 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    from timing import chosen_models, ensure_worktree
+    from timing import base_tree, chosen_models, ensure_worktree
 
     names = chosen_models(args.models)
-    args.base_tree = args.base_tree.resolve()
+    args.base_tree = base_tree(args.base_tree, args.base_rev)
     ensure_worktree(args.base_tree, args.base_rev)
     rows = []
     started = time.perf_counter()

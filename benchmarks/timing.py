@@ -36,12 +36,35 @@ def chosen_models(spec: str | None) -> list[str]:
     return names
 
 
+def _commit(repo: Path, rev: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(repo), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    if done.returncode:
+        sys.exit(f"{rev!r} is not a commit of {repo}: {done.stderr.strip()}")
+    return done.stdout.strip()
+
+
+def base_tree(tree: Path | None, rev: str) -> Path:
+    """Where the old side's worktree lives: ``tree``, or by default a folder beside this
+    checkout named after ``rev`` (so that two revisions never share one)."""
+    return (tree or ROOT.parent / f"base-{rev}").resolve()
+
+
 def ensure_worktree(tree: Path, rev: str) -> None:
     """Create a detached git worktree of this repository at ``rev`` in ``tree`` when missing
-    (the old side of an old-against-new benchmark)."""
+    (the old side of an old-against-new benchmark); exits when ``tree`` holds another commit,
+    which would be measured as ``rev`` otherwise."""
+    wanted = _commit(ROOT, rev)
     if not (tree / "pipeline").is_dir():
         subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), wanted], check=True
+        )
+    elif (found := _commit(tree, "HEAD")) != wanted:
+        sys.exit(
+            f"{tree} holds commit {found[:12]}, not {rev} ({wanted[:12]}): pass another "
+            f"--base-tree, or remove it (git worktree remove {tree})"
         )
 
 
