@@ -48,3 +48,34 @@ def test_no_pip_configuration_leaves_uv_on_its_defaults():
         ["--index-strategy", "unsafe-best-match"],
         {},
     )
+
+
+class _Recorder:
+    """Stands in for subprocess.run: records each command, fails those that start with uv's."""
+
+    def __init__(self, failing: tuple[str, ...]):
+        self.failing, self.calls = failing, []
+
+    def __call__(self, cmd, **kwargs):
+        self.calls.append(cmd)
+        stdout = "global.find-links='/opt/wheels'\n" if cmd[-2:] == ["config", "list"] else ""
+        failed = any(" ".join(cmd[1:]).startswith(prefix) for prefix in self.failing)
+        return install.subprocess.CompletedProcess(cmd, 1 if failed else 0, stdout, "")
+
+
+def test_uv_installs_with_pips_sources(monkeypatch):
+    run = _Recorder(failing=())
+    monkeypatch.setattr(install.subprocess, "run", run)
+    assert install.main(["-e", ".[dev]"]) == 0
+    uv = run.calls[-1]
+    assert uv[1:5] == ["-m", "uv", "pip", "install"] and uv[-2:] == ["-e", ".[dev]"]
+    assert ["--find-links", "/opt/wheels"] == uv[uv.index("--find-links") :][:2]
+    assert "--compile-bytecode" in uv  # the stages import torch in every process
+
+
+def test_pip_installs_when_uv_fails_or_cannot_be_installed(monkeypatch):
+    for failing in ("-m uv pip install", "-m pip install --quiet uv"):
+        run = _Recorder(failing=(failing,))
+        monkeypatch.setattr(install.subprocess, "run", run)
+        assert install.main(["-e", ".[dev]"]) == 0
+        assert run.calls[-1][1:] == ["-m", "pip", "install", "-e", ".[dev]"], failing
