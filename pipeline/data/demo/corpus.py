@@ -136,8 +136,8 @@ def pretraining_corpus(cfg: CorpusConfig, workers: int | None = None) -> Corpus:
     bounds = list(range(0, cfg.n_pairs, CHUNK)) + [cfg.n_pairs]
     tasks = [(cfg, a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     workers = max(1, min(workers, len(tasks)))
-    bar = tqdm(total=cfg.n_pairs, desc="pretraining corpus", disable=None)
     with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(tqdm(total=cfg.n_pairs, desc="pretraining corpus", disable=None))
         if workers > 1:  # forked: the workers run numpy and PIL only, never torch
             pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
             chunks = pool.imap(_render_chunk, tasks)
@@ -149,7 +149,6 @@ def pretraining_corpus(cfg: CorpusConfig, workers: int | None = None) -> Corpus:
             captions += texts
             parts.append(labels)
             bar.update(len(texts))
-    bar.close()
     labels = {name: np.concatenate([part[name] for part in parts]) for name in ATTRIBUTES}
     log.info("pretraining corpus: %d pairs at %dpx", cfg.n_pairs, cfg.image_size)
     return Corpus(images=images, captions=captions, attributes=labels)
