@@ -2,6 +2,7 @@
 
 import json
 from dataclasses import replace
+from itertools import combinations, pairwise
 
 import numpy as np
 import open_clip
@@ -18,7 +19,12 @@ from pipeline.encoders import (
 )
 from pipeline.encoders._multiway import VlmoModel
 from pipeline.encoders.base import STATE_FILE, WEIGHTS_CARD, WeightsError, read_card
-from pipeline.encoders.clip import DEMO_ARCH, ClipEncoder, pin_open_clip_weights
+from pipeline.encoders.clip import (
+    DEMO_ARCH,
+    ClipEncoder,
+    length_groups,
+    pin_open_clip_weights,
+)
 from pipeline.encoders.pairtrain import (
     PairTrainConfig,
     augment,
@@ -372,6 +378,43 @@ def test_clip_pair_loss_caps_the_temperature(micro_arch):
     loss = encoder.pair_losses(x, encoder.tokenize(captions))["itc"]
     loss.backward()
     assert torch.isfinite(loss) and encoder.logit_scale.grad.item() == 0.0
+
+
+def test_clip_texts_of_mixed_lengths_run_in_groups_with_open_clip_s_outputs_and_gradients():
+    torch.manual_seed(0)
+    encoder = ClipEncoder.tiny().train()
+    words = "a red cotton mug with a striped pattern and a long handle for tea and coffee".split()
+    tokens = encoder.tokenize([" ".join(words[: 1 + (7 * i) % len(words)]) for i in range(96)])
+    assert len(length_groups(encoder.pooled_lengths(tokens))) > 1  # the grouped path runs
+    weights = torch.randn(len(tokens), encoder.model.text_projection.shape[1]) / len(tokens)
+    outputs, grads = [], []
+    for encode in (encoder.encode_texts, encoder.model.encode_text):
+        encoder.zero_grad(set_to_none=True)
+        out = encode(tokens)
+        (out * weights).sum().backward()
+        outputs.append(out.detach())
+        grads.append({n: p.grad for n, p in encoder.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=0)
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_length_groups_are_the_cheapest_split(seed):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 12, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen)
+    cost = int(torch.randint(0, 30, (1,), generator=gen))
+    values = sorted(set(lengths.tolist()))
+
+    def price(cuts: list[int]) -> int:
+        sizes = [int(((lengths > lo) & (lengths <= hi)).sum()) for lo, hi in pairwise([0, *cuts])]
+        return sum(n * hi for n, hi in zip(sizes, cuts, strict=True)) + cost * len(cuts)
+
+    cuts = length_groups(lengths, group_cost=cost)
+    assert cuts == sorted(set(cuts)) and set(cuts) <= set(values) and cuts[-1] == values[-1]
+    splits = [[*c, values[-1]] for r in range(len(values)) for c in combinations(values[:-1], r)]
+    assert price(cuts) == min(map(price, splits))
 
 
 def test_clip_text_pass_stops_at_the_batch_s_last_pooled_token():
