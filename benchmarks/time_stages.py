@@ -3,6 +3,7 @@
     python benchmarks/time_stages.py                       # dvc repro (what changed), timed
     python benchmarks/time_stages.py -f                    # every stage, forced
     python benchmarks/time_stages.py -f -s weights finetune --out /tmp/stages.md
+    python benchmarks/time_stages.py --repo ../old-demo     # another checkout, with its venv
 
 One `dvc repro` process, as a user runs it, with its output read line by line as it comes:
 a stage's seconds run from DVC's first line about it ("Running stage 'x':", "Stage 'x' didn't
@@ -55,17 +56,32 @@ def stage_event(line: str) -> tuple[str, str] | None:
     return None
 
 
-def time_repro(args: list[str], echo: bool = True) -> tuple[list[Segment], float, int]:
-    """Run ``dvc repro <args>`` in the project root; return the segments, the total wall
+def venv_bin(repo: Path) -> Path:
+    """The bin folder whose ``dvc`` and ``lmmrec`` a repro in ``repo`` runs: this Python's for
+    this checkout, the checkout's own ``.venv`` for another one (its commit's code: this
+    checkout's ``lmmrec`` would run today's code on the old stages)."""
+    if repo.resolve() == ROOT:
+        return Path(sys.executable).parent
+    own = repo / ".venv" / "bin"
+    if not (own / "dvc").exists() or not (own / "lmmrec").exists():
+        raise SystemExit(f"--repo {repo}: no .venv with dvc and lmmrec there; run `make install` "
+                         "in it first")  # fmt: skip
+    return own
+
+
+def time_repro(
+    args: list[str], echo: bool = True, repo: Path = ROOT
+) -> tuple[list[Segment], float, int]:
+    """Run ``dvc repro <args>`` in the checkout ``repo``; return the segments, the total wall
     seconds and DVC's exit status. ``echo`` copies DVC's output to stderr as it comes."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DVC_NO_ANALYTICS": "1"}
-    venv_bin = Path(sys.executable).parent
-    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"  # stages call `lmmrec`
+    bin_dir = venv_bin(repo)
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # stages call `lmmrec`
     start = time.perf_counter()
     segments = [Segment(START_UP, "", start)]
     proc = subprocess.Popen(
-        ["dvc", "repro", *args],
-        cwd=ROOT,
+        [str(bin_dir / "dvc"), "repro", *args],
+        cwd=repo,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -116,9 +132,16 @@ def main() -> int:
     )
     parser.add_argument("--out", type=Path, help="also write the table to this file")
     parser.add_argument("-q", "--quiet", action="store_true", help="do not echo DVC's output")
+    parser.add_argument(
+        "--repo", type=Path, default=ROOT,
+        help="the checkout to run `dvc repro` in (default: this one), with its own .venv if it "
+        "has one: e.g. a fresh clone of an older commit, to time its demo on this machine",
+    )  # fmt: skip
     opts = parser.parse_args()
+    if not (opts.repo / "dvc.yaml").is_file():
+        parser.error(f"--repo {opts.repo}: no dvc.yaml there")
     args = (["-f"] if opts.force else []) + (["-s"] if opts.single_item else []) + opts.stages
-    segments, total, rc = time_repro(args, echo=not opts.quiet)
+    segments, total, rc = time_repro(args, echo=not opts.quiet, repo=opts.repo.resolve())
     text = table(segments, total, " ".join(["dvc", "repro", *args]))
     if rc:
         text += f"\ndvc repro FAILED (exit status {rc}): the last row runs up to the failure\n"
