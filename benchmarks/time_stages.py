@@ -134,8 +134,9 @@ def main() -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="do not echo DVC's output")
     parser.add_argument(
         "--repo", type=Path, default=ROOT,
-        help="the checkout to run `dvc repro` in (default: this one), with its own .venv if it "
-        "has one: e.g. a fresh clone of an older commit, to time its demo on this machine",
+        help="the checkout to run `dvc repro` in (default: this one); another checkout needs its "
+        "own .venv (`make install` there): e.g. a fresh clone of an older commit, to time its "
+        "demo on this machine",
     )  # fmt: skip
     opts = parser.parse_args()
     if not (opts.repo / "dvc.yaml").is_file():
