@@ -214,3 +214,26 @@ def test_the_real_stages_fail_on_a_dropped_or_an_added_dep(monkeypatch):
     assert "pipeline/recommenders/vbpr.py" in missing
     _, extra = stage_problems("weights")
     assert extra == ["pipeline/recommenders/bpr.py"]
+
+
+def test_bytecode_caches_do_not_change_a_folder_dep(tmp_path, monkeypatch):
+    """A folder dep such as pipeline/data/demo holds `__pycache__/` once Python imports it
+    without PYTHONDONTWRITEBYTECODE; the project's .dvcignore keeps that out of its hash, so
+    `dvc status` stays clean after a `dvc repro` that imported the code."""
+    from dvc.repo import Repo
+
+    (tmp_path / ".dvcignore").write_text((ROOT / ".dvcignore").read_text())
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "mod.py").write_text("X = 1\n")
+    monkeypatch.chdir(tmp_path)
+    repo = Repo.init(str(tmp_path), no_scm=True)
+    repo.stage.add(name="use", cmd="echo ran > out.txt", deps=["pkg"], outs=["out.txt"])
+    repo.reproduce("use")
+    assert repo.status() == {}
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "mod.cpython-311.pyc").write_bytes(b"\x00" * 16)
+    (package / "mod.pyc").write_bytes(b"\x00" * 16)
+    assert repo.status() == {}
+    (package / "other.py").write_text("Y = 2\n")  # real code still counts
+    assert "use" in repo.status()
