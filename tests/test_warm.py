@@ -1,0 +1,184 @@
+"""Warm starts (stages/warm.py): a command run in the server's fork behaves as a cold one."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_stages import invoke, tiny_params
+
+from stages import warm
+
+ROOT = Path(__file__).parents[1]
+LMMREC = str(Path(sys.executable).parent / "lmmrec")  # the installed console script
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [child for child in pids if _parent(child) == pid]
+
+
+def _servers(folder: Path) -> list[int]:
+    """Pids of the servers listening in ``folder`` (their forks share their command line)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"stages.warm import serve" in cmdline and str(folder).encode() in cmdline:
+                found.add(int(entry.name))
+    return sorted(pid for pid in found if _parent(pid) not in found)
+
+
+def _wait_for(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def warm_env(monkeypatch):
+    """Warm starts on, with a private socket folder (a short path: sockets' names are limited
+    to 107 bytes); every server of the test is stopped."""
+    parent = Path(tempfile.mkdtemp(prefix="lmw", dir="/tmp"))
+    folder = parent / "s"
+    monkeypatch.setenv("LMMREC_WARM", "1")
+    monkeypatch.setenv("LMMREC_WARM_DIR", str(folder))
+    monkeypatch.setenv("LMMREC_WARM_IDLE", "30")
+    yield folder
+    for pid in _servers(folder):
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(parent)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(params, interactions) of a tiny demo world, made cold in this process."""
+    tmp = tmp_path_factory.mktemp("warm")
+    params = tiny_params(tmp)
+    invoke("download", "--out", tmp / "raw", "--params", params)
+    invoke("preprocess", "--raw", tmp / "raw", "--out", tmp / "processed", "--params", params)
+    return params, tmp / "processed" / "interactions.parquet"
+
+
+def _train(params: Path, interactions: Path, out: Path) -> list[str]:
+    return ["train", "--model", "bpr", "--feature-set", "id", "--interactions",
+            str(interactions), "--params", str(params), "--out", str(out)]  # fmt: skip
+
+
+def test_a_command_run_warm_writes_the_bytes_a_cold_start_writes(warm_env, tiny_data, tmp_path):
+    params, interactions = tiny_data
+    assert warm.run_warm(_train(params, interactions, tmp_path / "first")) == 0  # starts it
+    assert len(_servers(warm_env)) == 1
+    assert warm.run_warm(_train(params, interactions, tmp_path / "warm")) == 0  # its fork
+    assert len(_servers(warm_env)) == 1  # the same server served both
+    cold_env = {**os.environ, "LMMREC_WARM": "0"}
+    cold = [LMMREC, *_train(params, interactions, tmp_path / "cold")]
+    assert subprocess.run(cold, env=cold_env, capture_output=True).returncode == 0
+    for name in ("model.pt", "metrics.json", "per_user.parquet"):
+        cold_bytes = (tmp_path / "cold" / name).read_bytes()
+        assert (tmp_path / "warm" / name).read_bytes() == cold_bytes, name
+
+
+def test_exit_status_and_error_output_come_through(warm_env, tmp_path, capfd):
+    assert warm.run_warm(["stats", "demo", "--processed", str(tmp_path / "none")]) == 1
+    assert "error:" in capfd.readouterr().err
+    assert warm.run_warm(["--bogus"]) == 2
+    assert "No such option" in capfd.readouterr().err
+    done = subprocess.run([LMMREC, "--version-of-nothing"], capture_output=True, text=True)
+    assert done.returncode == 2 and "No such option" in done.stderr
+
+
+def _slow_train(params: Path, interactions: Path, out: Path, tmp_path: Path) -> subprocess.Popen:
+    """A warm `lmmrec train` that runs for minutes, once its command is running."""
+    slow = yaml.safe_load(params.read_text())
+    slow["train"].update(max_epochs=100000, patience=100000, min_epochs=0)
+    slow_params = tmp_path / "slow.yaml"
+    slow_params.write_text(yaml.safe_dump(slow))
+    return subprocess.Popen(
+        [LMMREC, *_train(slow_params, interactions, out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def _runner(folder: Path) -> int | None:
+    """The pid of the one command process the server in ``folder`` is running, if any."""
+    servers = _servers(folder)
+    if len(servers) != 1:
+        return None
+    commands = [pid for supervisor in _children(servers[0]) for pid in _children(supervisor)]
+    return commands[0] if len(commands) == 1 else None
+
+
+def test_ctrl_c_reaches_the_command_and_leaves_no_output(warm_env, tiny_data, tmp_path):
+    params, interactions = tiny_data
+    out = tmp_path / "interrupted"
+    client = _slow_train(params, interactions, out, tmp_path)
+    assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
+    runner = _runner(warm_env)
+    time.sleep(2.0)  # well into training
+    client.send_signal(signal.SIGINT)
+    client.communicate(timeout=60)
+    assert client.returncode == 130  # as typer ends a cold command on Ctrl-C: 128 + SIGINT
+    assert _wait_for(lambda: not Path(f"/proc/{runner}").exists(), 10)
+    assert not out.exists()
+
+
+def test_a_command_whose_caller_dies_is_stopped(warm_env, tiny_data, tmp_path):
+    params, interactions = tiny_data
+    out = tmp_path / "orphan"
+    client = _slow_train(params, interactions, out, tmp_path)
+    assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
+    runner = _runner(warm_env)
+    client.kill()
+    client.wait()
+    assert _wait_for(lambda: not Path(f"/proc/{runner}").exists(), 15)
+    assert not out.exists()
+
+
+def test_another_environment_gets_another_server_and_an_idle_one_exits(
+    warm_env, tmp_path, monkeypatch
+):
+    stats = ["stats", "demo", "--processed", str(tmp_path / "none")]
+    monkeypatch.setenv("LMMREC_WARM_IDLE", "1")
+    assert warm.run_warm(stats) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # read when torch loads: not shareable
+    assert warm.run_warm(stats) == 1
+    assert len(list(warm_env.glob("*.sock"))) == 2
+    monkeypatch.setenv("DVC_STAGE", "train@bpr")  # differs per stage: shared
+    assert warm.run_warm(stats) == 1
+    assert len(_servers(warm_env)) == 2
+    assert _wait_for(lambda: not _servers(warm_env), 60), "idle servers did not exit"
+    assert not list(warm_env.glob("*.sock"))
+
+
+def test_it_runs_cold_where_it_cannot_be_private_or_is_turned_off(warm_env, monkeypatch):
+    warm_env.mkdir(mode=0o755)
+    warm_env.chmod(0o755)  # others could open it
+    assert warm.socket_folder() is None
+    assert warm.run_warm(["stats", "demo"]) is None
+    assert warm.enabled()
+    monkeypatch.setenv("LMMREC_WARM", "0")
+    assert not warm.enabled()
+    monkeypatch.setenv("LMMREC_WARM", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # under torchrun
+    assert not warm.enabled()
