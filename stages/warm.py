@@ -3,12 +3,13 @@
 imports them once and forks a fresh process for each command.
 
 The forked process runs the command exactly as a cold start would: with the caller's argv,
-working directory, environment and stdin/stdout/stderr, from a process that has imported only
-third-party libraries (the project's own modules are imported fresh by each command, so an
-edit is never missed). A server serves only callers whose interpreter, module path, installed
-packages and environment (all but `VOLATILE`) are those it was started with; anything else
-gets its own server. It runs as the caller's user, listens on a socket in a folder only that
-user can open, and exits after `LMMREC_WARM_IDLE` seconds (default 60) without a command.
+working directory, umask, environment and stdin/stdout/stderr, from a process that has
+imported only third-party libraries (the project's own modules are imported fresh by each
+command, so an edit is never missed). A server serves only callers whose interpreter, module
+path, installed packages, environment (all but `VOLATILE`), CPUs, priority, limits and cgroup
+are those it was started with; anything else gets its own server. It runs as the caller's
+user, listens on a socket in a folder only that user can open, and exits after
+`LMMREC_WARM_IDLE` seconds (default 60) without a command.
 
 `LMMREC_WARM=0` turns it off (every command then starts cold); it is off under torchrun and
 wherever the server cannot start, and a command the server could not take runs cold.
@@ -24,6 +25,7 @@ import fcntl
 import hashlib
 import json
 import os
+import resource
 import select
 import signal
 import socket
@@ -46,6 +48,8 @@ START_TIMEOUT_S = 60.0  # a server slower than this to come up is not waited for
 FIRST_CALLER_S = 2.0  # extras wait this long for the caller that started the server
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL, for a command whose caller died
 HEADER = struct.Struct("!I")
+LIMITS = (resource.RLIMIT_AS, resource.RLIMIT_DATA, resource.RLIMIT_NOFILE,
+          resource.RLIMIT_STACK, resource.RLIMIT_CPU, resource.RLIMIT_CORE)  # fmt: skip
 
 
 def main() -> None:
@@ -74,7 +78,8 @@ def enabled(environ: Mapping[str, str] = os.environ) -> bool:
 def server_key(environ: Mapping[str, str] = os.environ) -> str:
     """What a server must share with its callers, hashed: the interpreter and its flags, the
     module path, the install (folders' mtimes change when packages are added or removed), this
-    file and the environment but `VOLATILE`."""
+    file, the environment but `VOLATILE`, and the process's CPUs, priority, limits and cgroup
+    (which its fork inherits from the server)."""
 
     def mtime(path: str) -> int:
         try:
@@ -83,12 +88,20 @@ def server_key(environ: Mapping[str, str] = os.environ) -> str:
             return 0
 
     paths = [p for p in sys.path if p]
+    try:
+        with open("/proc/self/cgroup") as cgroup:
+            group = cgroup.read()
+    except OSError:
+        group = ""
     state = {
         "python": [sys.executable, sys.version, repr(sys.flags)],
         "path": [[p, mtime(p)] for p in paths],
         "warm": mtime(__file__),
         "env": sorted((k, v) for k, v in environ.items() if k not in VOLATILE),
-    }
+        # what a process inherits besides: the CPUs it may use, its priority, limits, cgroup
+        "process": [sorted(os.sched_getaffinity(0)), os.getpriority(os.PRIO_PROCESS, 0),
+                    [resource.getrlimit(r) for r in LIMITS], group],
+    }  # fmt: skip
     return hashlib.sha256(json.dumps(state).encode()).hexdigest()[:24]
 
 
@@ -121,7 +134,10 @@ def run_warm(argv: list[str]) -> int | None:
     path = os.path.join(folder, server_key() + ".sock")
     if len(path.encode()) > 96:  # AF_UNIX paths (and the server's temporary name) take 107
         return None
-    conn = _connect(path) or _start_server(path)
+    try:
+        conn = _connect(path) or _start_server(path)
+    except OSError:  # no lock file, no process: start cold
+        return None
     if conn is None:
         return None
     with conn:
@@ -163,13 +179,18 @@ def _start_server(path: str) -> socket.socket | None:
 
 def _run_on(conn: socket.socket, argv: list[str]) -> int | None:
     """Send the command with this process's stdio, relay signals, return its exit status."""
-    request = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    umask = os.umask(0o022)
+    os.umask(umask)
+    request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask}
     try:
-        socket.send_fds(conn, [HEADER.pack(len(request)) + request], [0, 1, 2])
+        data = json.dumps(request).encode()
+        conn.settimeout(START_TIMEOUT_S)  # a server that hangs: the command is stopped there
+        socket.send_fds(conn, [HEADER.pack(len(data)) + data], [0, 1, 2])
         started = _read_line(conn)
-    except OSError:
+        conn.settimeout(None)
+    except OSError:  # a timeout included
         started = b""
-    if started != b"started":  # the server ended before it took the command: run it cold
+    if started != b"started":  # the server did not take the command: run it cold
         return None
 
     def forward(signum: int, _frame: object) -> None:
@@ -274,6 +295,7 @@ def _fork_supervisor(conn: socket.socket, listener: socket.socket) -> int:
 
 
 def _supervise(conn: socket.socket) -> int:
+    """Take one caller's command (from this user only), fork it, report how it ended."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     if struct.unpack("3i", creds)[1] != os.getuid():
         return 1
@@ -294,7 +316,12 @@ def _supervise(conn: socket.socket) -> int:
         _run_command(request, fds)
     for fd in fds:
         os.close(fd)
-    conn.sendall(b"started\n")
+    try:
+        conn.sendall(b"started\n")
+    except OSError:  # the caller gave up waiting: it runs the command itself
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        return 1
     status = _wait(pid, conn)
     if os.WIFSIGNALED(status):
         report = b"signal %d\n" % os.WTERMSIG(status)
@@ -334,14 +361,15 @@ def _wait(pid: int, conn: socket.socket) -> int:
 
 
 def _run_command(request: dict, fds: list[int]) -> None:
-    """In the command's process: become the caller (directory, environment, stdio, argv),
-    then run the CLI; never returns."""
+    """In the command's process: become the caller (directory, umask, environment, stdio,
+    argv), then run the CLI; never returns."""
     code = 1
     try:
         for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         os.chdir(request["cwd"])
+        os.umask(request["umask"])
         os.environ.clear()
         os.environ.update(request["env"])
         for target, fd in enumerate(fds):

@@ -89,14 +89,20 @@ def test_a_command_run_warm_writes_the_bytes_a_cold_start_writes(warm_env, tiny_
     params, interactions = tiny_data
     assert warm.run_warm(_train(params, interactions, tmp_path / "first")) == 0  # starts it
     assert len(_servers(warm_env)) == 1
-    assert warm.run_warm(_train(params, interactions, tmp_path / "warm")) == 0  # its fork
-    assert len(_servers(warm_env)) == 1  # the same server served both
-    cold_env = {**os.environ, "LMMREC_WARM": "0"}
-    cold = [LMMREC, *_train(params, interactions, tmp_path / "cold")]
-    assert subprocess.run(cold, env=cold_env, capture_output=True).returncode == 0
+    umask = os.umask(0o077)  # the caller's umask, not the server's, applies
+    try:
+        assert warm.run_warm(_train(params, interactions, tmp_path / "warm")) == 0  # its fork
+        cold_env = {**os.environ, "LMMREC_WARM": "0"}
+        cold = [LMMREC, *_train(params, interactions, tmp_path / "cold")]
+        assert subprocess.run(cold, env=cold_env, capture_output=True).returncode == 0
+    finally:
+        os.umask(umask)
+    assert len(_servers(warm_env)) == 1  # the same server served both warm commands
     for name in ("model.pt", "metrics.json", "per_user.parquet"):
-        cold_bytes = (tmp_path / "cold" / name).read_bytes()
-        assert (tmp_path / "warm" / name).read_bytes() == cold_bytes, name
+        cold_file, warm_file = tmp_path / "cold" / name, tmp_path / "warm" / name
+        assert warm_file.read_bytes() == cold_file.read_bytes(), name
+        assert warm_file.stat().st_mode == cold_file.stat().st_mode, name
+    assert (tmp_path / "warm" / "model.pt").stat().st_mode & 0o077 == 0
 
 
 def test_exit_status_and_error_output_come_through(warm_env, tmp_path, capfd):
