@@ -123,6 +123,8 @@ def _slow_train(params: Path, interactions: Path, out: Path, tmp_path: Path) -> 
     return subprocess.Popen(
         [LMMREC, *_train(slow_params, interactions, out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as from a terminal, even where the tests run with SIGINT ignored (a background job)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
 
 
