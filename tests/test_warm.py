@@ -66,7 +66,7 @@ def warm_env(monkeypatch):
     monkeypatch.setenv("LMMREC_WARM_IDLE", "30")
     yield folder
     for pid in _servers(folder):
-        os.kill(pid, signal.SIGKILL)
+        os.killpg(pid, signal.SIGKILL)  # its session: its supervisors and commands too
     shutil.rmtree(parent)
 
 
@@ -141,11 +141,14 @@ def test_ctrl_c_reaches_the_command_and_leaves_no_output(warm_env, tiny_data, tm
     params, interactions = tiny_data
     out = tmp_path / "interrupted"
     client = _slow_train(params, interactions, out, tmp_path)
-    assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
-    runner = _runner(warm_env)
-    time.sleep(2.0)  # well into training
-    client.send_signal(signal.SIGINT)
-    client.communicate(timeout=60)
+    try:
+        assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
+        runner = _runner(warm_env)
+        time.sleep(2.0)  # well into training
+        client.send_signal(signal.SIGINT)
+        client.communicate(timeout=60)
+    finally:
+        client.kill()  # on a failure: its command stops with it
     assert client.returncode == 130  # as typer ends a cold command on Ctrl-C: 128 + SIGINT
     assert _wait_for(lambda: not Path(f"/proc/{runner}").exists(), 10)
     assert not out.exists()
@@ -155,10 +158,12 @@ def test_a_command_whose_caller_dies_is_stopped(warm_env, tiny_data, tmp_path):
     params, interactions = tiny_data
     out = tmp_path / "orphan"
     client = _slow_train(params, interactions, out, tmp_path)
-    assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
-    runner = _runner(warm_env)
-    client.kill()
-    client.wait()
+    try:
+        assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
+        runner = _runner(warm_env)
+    finally:
+        client.kill()
+        client.wait()
     assert _wait_for(lambda: not Path(f"/proc/{runner}").exists(), 15)
     assert not out.exists()
 
