@@ -29,6 +29,8 @@ from pathlib import Path
 
 import yaml
 
+from stages import warm
+
 ROOT = Path(__file__).resolve().parents[1]
 LMMREC = str(Path(sys.executable).parent / "lmmrec")
 DATA = ROOT / "data/processed/demo"
@@ -83,11 +85,11 @@ def main() -> None:
         (tmp / "params.yaml").write_text(yaml.safe_dump(params))
         sockets = tmp / "s"
         base = {**os.environ, "HF_HUB_OFFLINE": "1", "DVC_NO_ANALYTICS": "1"}
-        cold = {**base, "LMMREC_WARM": "0"}
-        warm = {**base, "LMMREC_WARM": "1", "LMMREC_WARM_DIR": str(sockets)}
+        cold_env = {**base, "LMMREC_WARM": "0"}
+        warm_env = {**base, "LMMREC_WARM": "1", "LMMREC_WARM_DIR": str(sockets)}
         runs = commands(tmp / "params.yaml")
         first_args = runs["train bpr (id)"]
-        first = run(first_args, tmp / "first", warm)
+        first = run(first_args, tmp / "first", warm_env)
         time.sleep(15)  # the server imports its extras while idle
         print(f"load average {os.getloadavg()[0]:.2f}; {args.rounds} rounds; the first warm "
               f"command (it starts the server): {first:.2f} s", flush=True)  # fmt: skip
@@ -98,7 +100,7 @@ def main() -> None:
                 walls: dict[str, list[float]] = {"cold": [], "warm": []}
                 same = True
                 for r in range(args.rounds):
-                    order = [("cold", cold), ("warm", warm)]
+                    order = [("cold", cold_env), ("warm", warm_env)]
                     for side, env in order if r % 2 == 0 else order[::-1]:
                         walls[side].append(run(cmd, tmp / f"{side}-{r}", env))
                     same = same and same_bytes(tmp / f"cold-{r}", tmp / f"warm-{r}")
@@ -108,24 +110,9 @@ def main() -> None:
                 print(f"| {name} | {c:.2f} | {w:.2f} | {c - w:.2f} | {c / w:.2f}x | "
                       f"{'yes' if same else 'NO'} |", flush=True)  # fmt: skip
         finally:
-            for pid_file in sockets.glob("*.sock"):
-                stop_server(pid_file)
+            for pid in warm.servers(str(sockets)):
+                os.killpg(pid, signal.SIGTERM)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
-
-
-def stop_server(socket_path: Path) -> None:
-    """End the server listening on ``socket_path`` (found by its command line)."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"stages.warm import serve" in cmdline and str(socket_path).encode() in cmdline:
-                try:
-                    os.kill(int(entry.name), signal.SIGTERM)
-                except OSError:
-                    pass
 
 
 if __name__ == "__main__":

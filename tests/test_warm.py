@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -33,17 +34,7 @@ def _children(pid: int) -> list[int]:
 
 
 def _servers(folder: Path) -> list[int]:
-    """Pids of the servers listening in ``folder`` (their forks share their command line)."""
-    found = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"stages.warm import serve" in cmdline and str(folder).encode() in cmdline:
-                found.add(int(entry.name))
-    return sorted(pid for pid in found if _parent(pid) not in found)
+    return warm.servers(str(folder))
 
 
 def _wait_for(condition, timeout: float = 30.0) -> bool:
@@ -65,7 +56,7 @@ def warm_env(monkeypatch):
     monkeypatch.setenv("LMMREC_WARM_DIR", str(folder))
     monkeypatch.setenv("LMMREC_WARM_IDLE", "30")
     yield folder
-    for pid in _servers(folder):
+    for pid in warm.servers(str(folder)):
         os.killpg(pid, signal.SIGKILL)  # its session: its supervisors and commands too
     shutil.rmtree(parent)
 
@@ -114,18 +105,27 @@ def test_exit_status_and_error_output_come_through(warm_env, tmp_path, capfd):
     assert done.returncode == 2 and "No such option" in done.stderr
 
 
-def _slow_train(params: Path, interactions: Path, out: Path, tmp_path: Path) -> subprocess.Popen:
-    """A warm `lmmrec train` that runs for minutes, once its command is running."""
+@contextmanager
+def _slow_train(folder: Path, tiny_data, out: Path, tmp_path: Path):
+    """(client, command pid) of a warm `lmmrec train` that would run for hours, once its
+    command runs in the server of ``folder``; the client is killed at the end."""
+    params, interactions = tiny_data
     slow = yaml.safe_load(params.read_text())
     slow["train"].update(max_epochs=100000, patience=100000, min_epochs=0)
     slow_params = tmp_path / "slow.yaml"
     slow_params.write_text(yaml.safe_dump(slow))
-    return subprocess.Popen(
+    client = subprocess.Popen(
         [LMMREC, *_train(slow_params, interactions, out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         # as from a terminal, even where the tests run with SIGINT ignored (a background job)
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    try:
+        assert _wait_for(lambda: _runner(folder) is not None), "no command ran in the server"
+        yield client, _runner(folder)
+    finally:
+        client.kill()  # on a failure too: its command stops with it
+        client.wait()
 
 
 def _runner(folder: Path) -> int | None:
@@ -138,32 +138,20 @@ def _runner(folder: Path) -> int | None:
 
 
 def test_ctrl_c_reaches_the_command_and_leaves_no_output(warm_env, tiny_data, tmp_path):
-    params, interactions = tiny_data
     out = tmp_path / "interrupted"
-    client = _slow_train(params, interactions, out, tmp_path)
-    try:
-        assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
-        runner = _runner(warm_env)
+    with _slow_train(warm_env, tiny_data, out, tmp_path) as (client, runner):
         time.sleep(2.0)  # well into training
         client.send_signal(signal.SIGINT)
         client.communicate(timeout=60)
-    finally:
-        client.kill()  # on a failure: its command stops with it
     assert client.returncode == 130  # as typer ends a cold command on Ctrl-C: 128 + SIGINT
     assert _wait_for(lambda: not Path(f"/proc/{runner}").exists(), 10)
     assert not out.exists()
 
 
 def test_a_command_whose_caller_dies_is_stopped(warm_env, tiny_data, tmp_path):
-    params, interactions = tiny_data
     out = tmp_path / "orphan"
-    client = _slow_train(params, interactions, out, tmp_path)
-    try:
-        assert _wait_for(lambda: _runner(warm_env) is not None), "no command ran in the server"
-        runner = _runner(warm_env)
-    finally:
-        client.kill()
-        client.wait()
+    with _slow_train(warm_env, tiny_data, out, tmp_path) as (_, runner):
+        pass  # the client is killed on leaving
     assert _wait_for(lambda: not Path(f"/proc/{runner}").exists(), 15)
     assert not out.exists()
 
