@@ -228,26 +228,33 @@ def _read_line(conn: socket.socket) -> bytes:
     return data.strip()
 
 
+def parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid``, read from /proc; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:  # "pid (comm) state ppid ...": comm may hold ")"
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def servers(folder: str | None = None) -> list[int]:
     """Pids of the servers listening in ``folder`` (default: this user's socket folder), read
     from /proc; their supervisors and commands, forks sharing their command line, left out.
     Each leads its own session: ``os.killpg(pid, signal.SIGTERM)`` stops it with them."""
     folder = folder or socket_folder()
-    found: dict[int, int] = {}  # pid -> parent pid
+    found: dict[int, int | None] = {}  # pid -> parent pid
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             with open(f"/proc/{entry.name}/cmdline", "rb") as cmdline:
                 words = cmdline.read().split(b"\0")
-            with open(f"/proc/{entry.name}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
+        except OSError:
             continue
         ours = len(words) > 4 and words[2].endswith(b"serve(sys.argv[2])")
         where = os.path.dirname(os.fsdecode(words[-2])) if ours else None
         if folder and where and os.path.abspath(where) == os.path.abspath(folder):
-            found[int(entry.name)] = parent
+            found[int(entry.name)] = parent_pid(int(entry.name))
     return sorted(pid for pid, parent in found.items() if parent not in found)
 
 

@@ -21,16 +21,9 @@ LMMREC = str(Path(sys.executable).parent / "lmmrec")  # the installed console sc
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
 
 
-def _parent(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except OSError:
-        return None
-
-
 def _children(pid: int) -> list[int]:
     pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-    return [child for child in pids if _parent(child) == pid]
+    return [child for child in pids if warm.parent_pid(child) == pid]
 
 
 def _servers(folder: Path) -> list[int]:
