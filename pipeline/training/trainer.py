@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +96,15 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def micro_batches(n: int, cfg: TrainConfig, world: World) -> list[torch.Tensor]:
-    """This process's micro-batches of a batch of ``n`` triples: the batch is cut into
-    ``grad_accum`` near-equal parts and the processes take contiguous shares of them, so the
-    parts, hence the results, do not depend on the number of processes."""
-    parts = torch.arange(n).tensor_split(cfg.grad_accum)
-    return [p for p in parts[world.shard(cfg.grad_accum)] if len(p)]
+def micro_batches(n: int, cfg: TrainConfig, world: World) -> list[slice]:
+    """This process's micro-batches of a batch of ``n`` triples, as slices (views rather than
+    copies of the batch): the batch is cut into ``grad_accum`` near-equal parts (as
+    ``tensor_split`` cuts) and the processes take contiguous shares of them, so the parts,
+    hence the results, do not depend on the number of processes."""
+    size, extra = divmod(n, cfg.grad_accum)
+    starts = [i * size + min(i, extra) for i in range(cfg.grad_accum + 1)]
+    parts = [slice(a, b) for a, b in pairwise(starts)]
+    return [p for p in parts[world.shard(cfg.grad_accum)] if p.stop > p.start]
 
 
 def make_optimizer(model: Recommender, lr: float) -> FusedAdam:
@@ -131,8 +135,8 @@ def train_step(
     total = torch.zeros((), device=device)
     for part in micro_batches(len(users), cfg, world):
         loss = model.loss(users[part].to(device), pos[part].to(device), neg[part].to(device))
-        if len(part) < len(users):
-            loss = loss * (len(part) / len(users))
+        if part.stop - part.start < len(users):
+            loss = loss * ((part.stop - part.start) / len(users))
         loss.backward()
         total += loss.detach()
     sum_gradients([p for group in optimizer.param_groups for p in group["params"]], world)
