@@ -135,8 +135,9 @@ def train_step(
     total = torch.zeros((), device=device)
     for part in micro_batches(len(users), cfg, world):
         loss = model.loss(users[part].to(device), pos[part].to(device), neg[part].to(device))
-        if part.stop - part.start < len(users):
-            loss = loss * ((part.stop - part.start) / len(users))
+        share = (part.stop - part.start) / len(users)
+        if share < 1:
+            loss = loss * share
         loss.backward()
         total += loss.detach()
     sum_gradients([p for group in optimizer.param_groups for p in group["params"]], world)
